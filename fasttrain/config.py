@@ -1,0 +1,205 @@
+"""Typed run configuration: dataclasses loaded from YAML/JSON plus ``section.key=value`` overrides.
+
+Unknown sections/keys and values of the wrong type are errors naming the key and the file, raised
+before any model or data is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    path: str = ""  # HF model directory (config.json + safetensors + tokenizer files)
+    tokenizer: str = ""  # defaults to model.path
+    attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | reference
+    lm_head_impl: str = "torch"  # torch (Triton fused head is its own issue)
+    activation_checkpointing: bool = True
+    compute_dtype: str = "bfloat16"  # bfloat16 | float32 (master weights + AdamW state are always fp32)
+
+
+@dataclass
+class DataSection:
+    train: str = ""  # JSONL / JSON / Parquet file of Step-DPO records
+    eval: str = ""  # optional held-out file, same format
+    template: str = "qwen2-boxed"  # qwen2-boxed | alpaca | deepseek-math | chat
+    mode: str = "step"  # step (Step-DPO) | full (plain DPO on full_chosen / full_rejected)
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    skip_bad_rows: bool = False
+    cache_dir: str = ".cache/fasttrain"
+
+
+@dataclass
+class LossSection:
+    beta: float = 0.4
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0
+    reference: str = "precompute"  # precompute | live
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/stepdpo"
+    overwrite: bool = False
+    epochs: float = 4.0
+    max_steps: int = 0  # >0 caps the number of optimizer steps
+    global_batch_pairs: int = 128  # pairs per optimizer step, all ranks and micro-batches together
+    tokens_per_micro_batch: int = 8192  # per rank; must be >= 2 * data.max_length
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate before training and at the end only
+    save_final: bool = True
+    progress_bar: bool = True
+    tensorboard: bool = True  # used when tensorboard is installed
+    plot: bool = True  # PNG of the curves when matplotlib is installed
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        choices = {
+            ("model", "attention_backend"): ("auto", "flash_attn", "torch_varlen", "reference"),
+            ("model", "lm_head_impl"): ("torch",),
+            ("model", "compute_dtype"): ("bfloat16", "float32"),
+            ("data", "template"): ("qwen2-boxed", "alpaca", "deepseek-math", "chat"),
+            ("data", "mode"): ("step", "full"),
+            ("loss", "loss_type"): ("sigmoid", "ipo"),
+            ("loss", "reference"): ("precompute", "live"),
+        }
+        for (section, key), allowed in choices.items():
+            value = getattr(getattr(self, section), key)
+            if value not in allowed:
+                raise ConfigError(f"{section}.{key}={value!r}: expected one of {allowed}")
+        if not self.model.path:
+            raise ConfigError("model.path is required (an HF model directory)")
+        if not self.data.train:
+            raise ConfigError("data.train is required (a JSONL / JSON / Parquet file)")
+        d, t, lo = self.data, self.train, self.loss
+        if not 0 < d.max_prompt_length < d.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length={d.max_prompt_length} must be > 0 and < data.max_length={d.max_length}"
+            )
+        if t.tokens_per_micro_batch < 2 * d.max_length:
+            raise ConfigError(
+                f"train.tokens_per_micro_batch={t.tokens_per_micro_batch} must be >= 2 * data.max_length "
+                f"= {2 * d.max_length} so that any single pair (prompt + chosen + rejected) fits"
+            )
+        if t.global_batch_pairs < 1:
+            raise ConfigError("train.global_batch_pairs must be >= 1")
+        if lo.beta <= 0:
+            raise ConfigError(f"loss.beta={lo.beta} must be > 0")
+        if not 0.0 <= lo.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 0.5)")
+        if t.lr <= 0 or not 0 <= t.warmup_ratio < 1:
+            raise ConfigError("train.lr must be > 0 and train.warmup_ratio in [0, 1)")
+        if t.epochs <= 0 and t.max_steps <= 0:
+            raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a YAML/JSON/CLI value to the field's declared type."""
+    target = {"int": int, "float": float, "bool": bool, "str": str}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), None
+    )
+    if target is None:
+        raise ConfigError(f"{where}: unsupported field type {annotation!r}")
+    if isinstance(value, str) and target is not str:  # from the command line
+        text = value.strip()
+        try:
+            if target is bool:
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return target(float(text)) if target is int and "e" in text.lower() else target(text)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r}: expected {target.__name__}") from None
+    if target is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected true/false")
+        return value
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}={value!r}: expected {target.__name__}, got {type(value).__name__}")
+
+
+def _set(cfg: RunConfig, section: str, key: str, value: Any, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section {section!r}; expected one of {sorted(sections)}")
+    obj = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; {section} has {sorted(fields)}")
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    cfg = RunConfig()
+    if path:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text) or {}
+            else:
+                raw = json.loads(text)
+        except Exception as e:  # yaml/json parse errors: keep the parser's line info
+            raise ConfigError(f"config file {path} is not valid {p.suffix[1:].upper()}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _set(cfg, section, key, value, f"config file {path}")
+        # Relative paths in a config file are relative to the file, so the demo runs from anywhere.
+        base = p.resolve().parent
+        for section, key in (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval")):
+            value = getattr(getattr(cfg, section), key)
+            if value and not Path(value).is_absolute() and (base / value).exists():
+                setattr(getattr(cfg, section), key, str(base / value))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-6")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.lstrip("-").split(".", 1)
+        _set(cfg, section, key, value, "command line")
+    return cfg

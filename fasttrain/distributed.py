@@ -1,0 +1,88 @@
+"""Process group setup and FSDP2 wrapping.
+
+One code path for every world size: without torchrun we start a one-rank gloo group, so the model
+is always an FSDP2 module (same dtype handling, same state-dict code) and tests of "N ranks equal one
+process" compare like with like.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    else:
+        rank, world, local = 0, 1, 0
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    return DistInfo(rank, world, local, device)
+
+
+def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, reshard_last: bool = False) -> None:
+    """fully_shard every decoder block, then the root (embedding, final norm, LM head).
+
+    Parameters stay fp32 (the master copy the optimizer updates); FSDP casts the gathered copy to
+    ``compute_dtype`` and reduces gradients in fp32 (DESIGN §6: bf16 masters would drop lr-5e-7 updates).
+    The last block is not resharded after forward: backward needs it first, so gathering it twice
+    would be wasted communication.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        last = i == len(layers) - 1
+        fully_shard(block, mp_policy=policy, reshard_after_forward=not last or reshard_last)
+    fully_shard(model, mp_policy=policy)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
