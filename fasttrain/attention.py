@@ -102,9 +102,10 @@ def reference_attention(q_TNH, k_KMH, v_KMH, attn: AttentionMeta) -> torch.Tenso
     k_KNH = k_KMH.repeat_interleave(rep, dim=1)
     v_KNH = v_KMH.repeat_interleave(rep, dim=1)
     scale = 1.0 / math.sqrt(q_TNH.shape[-1])
-    scores_NTK = torch.einsum("tnh,knh->ntk", q_TNH.float(), k_KNH.float()) * scale
+    acc = torch.promote_types(q_TNH.dtype, torch.float32)  # fp32 softmax for bf16/fp16, fp64 stays fp64
+    scores_NTK = torch.einsum("tnh,knh->ntk", q_TNH.to(acc), k_KNH.to(acc)) * scale
     mask_TK = attn.dense_mask()
     scores_NTK = scores_NTK.masked_fill(~mask_TK, float("-inf"))
     probs_NTK = F.softmax(scores_NTK, dim=-1)
-    o_TNH = torch.einsum("ntk,knh->tnh", probs_NTK, v_KNH.float())
+    o_TNH = torch.einsum("ntk,knh->tnh", probs_NTK, v_KNH.to(acc))
     return o_TNH.to(q_TNH.dtype)
