@@ -45,6 +45,11 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        # N ranks on one CPU: give each its share of the cores; oversubscribed OpenMP threads spin
+        # (we saw sys time near user time with 2 ranks x 2 threads on 2 cores).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, world, local, device)
 
 

@@ -149,6 +149,7 @@ class AttentionMeta:
     max_seqlen_k: int
     kv_is_identity: bool = False  # plain packed sequences: no gather needed
     _dense_mask: torch.Tensor | None = field(default=None, repr=False)
+    _host_cu: tuple[list[int], list[int]] | None = field(default=None, repr=False)
 
     @property
     def num_segments(self) -> int:
@@ -164,10 +165,16 @@ class AttentionMeta:
             self.kv_is_identity,
         )
 
+    def host_cu_seqlens(self) -> tuple[list[int], list[int]]:
+        """cu_seqlens as Python lists (reference backend only; cached, one transfer per batch)."""
+        if self._host_cu is None:
+            self._host_cu = (self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist())
+        return self._host_cu
+
     def dense_mask(self) -> torch.Tensor:
         """[T, K] bool, True where query t may attend key k (bottom-right causal per segment).
 
-        Used by the pure-PyTorch reference backend only; cached because every layer reuses it.
+        A whole-batch picture of the mask, for tests and debugging.
         """
         if self._dense_mask is None:
             cu_q = self.cu_seqlens_q.long()

@@ -1,0 +1,324 @@
+"""HF safetensors checkpoints in and out (DESIGN §5).
+
+Loading reads straight into the (possibly FSDP2-sharded) parameters: each rank reads only its own rows
+of every tensor with ``safe_open(...).get_slice(name)[start:end]``, so no rank ever holds a full copy of
+the model. Saving writes what ``transformers`` and vLLM load unchanged: safetensors (sharded with
+``model.safetensors.index.json`` past ``max_shard_bytes``), ``config.json`` and tokenizer files, into a
+temporary directory that is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fasttrain.model.config import ARCHITECTURES, ModelConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tokenizer-side files copied by save_hf_checkpoint(tokenizer_dir=...); generation_config.json is not a
+# tokenizer file but belongs with a servable checkpoint and usually sits in the same source directory.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+# Checkpoint keys that carry no trainable state (old transformers saved RoPE frequencies).
+_HARMLESS_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Source directory
+# ----------------------------------------------------------------------------------------------
+def resolve_model_source(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is an HF model directory we can load; return it as a Path."""
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model directory {d} does not exist (a local HF model directory is expected)")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d / 'config.json'}: not found; the model directory needs an HF config.json")
+    if (d / INDEX_FILE).is_file():
+        for shard in sorted(set(_read_index(d / INDEX_FILE).values())):
+            if not (d / shard).is_file():
+                raise FileNotFoundError(f"{d / shard}: listed in {d / INDEX_FILE} but not found")
+        return d
+    if (d / SINGLE_FILE).is_file():
+        return d
+    legacy = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (d / n).is_file()]
+    hint = f" (found {legacy[0]}; convert it to safetensors first)" if legacy else ""
+    raise FileNotFoundError(f"{d}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path}: expected a JSON object with a 'weight_map' ({e!r})") from e
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
+def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it."""
+    d = resolve_model_source(model_dir)
+    if (d / INDEX_FILE).is_file():
+        return {name: d / shard for name, shard in _read_index(d / INDEX_FILE).items()}
+    with safe_open(str(d / SINGLE_FILE), framework="pt") as f:
+        return {name: d / SINGLE_FILE for name in f.keys()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded parameters
+# ----------------------------------------------------------------------------------------------
+def local_shard(param: torch.Tensor, name: str) -> tuple[torch.Tensor, int, int]:
+    """(local tensor to write in place, start, end): the rows [start, end) of dim 0 of the full
+    tensor that this rank holds. A plain tensor holds all rows.
+
+    FSDP2 (``fully_shard``) shards dim 0 like ``torch.chunk``: chunk = ceil(rows / world), rank r holds
+    [r*chunk, min((r+1)*chunk, rows)), possibly nothing. Nested Shard(0) over several mesh dims
+    (and Replicate, as in HSDP) compose left to right.
+    """
+    from torch.distributed.tensor import DTensor  # torch.distributed is optional at import time
+
+    if not isinstance(param, DTensor):
+        return param, 0, (param.shape[0] if param.dim() else 1)
+    start, end = 0, param.shape[0]
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_replicate():
+            continue
+        if not (placement.is_shard() and placement.dim == 0):
+            raise ValueError(f"parameter {name!r}: placement {placement} is not supported (only Shard(0)/Replicate)")
+        world = param.device_mesh.size(mesh_dim)
+        rank = param.device_mesh.get_local_rank(mesh_dim)
+        chunk = math.ceil((end - start) / world)
+        start, end = min(start + rank * chunk, end), min(start + (rank + 1) * chunk, end)
+    local = param.to_local()
+    expected = (end - start, *param.shape[1:])
+    if tuple(local.shape) != expected:
+        raise RuntimeError(
+            f"parameter {name!r}: local shard has shape {tuple(local.shape)}, expected {expected} for rows "
+            f"[{start}, {end}) of {tuple(param.shape)}; the sharding is not the torch.chunk layout assumed here"
+        )
+    return local, start, end
+
+
+def check_writable_sharding(model: torch.nn.Module) -> None:
+    """Refuse to write weights into an FSDP2 module whose parameters are currently unsharded (e.g. the
+    root after a forward): those are all-gathered copies that the next reshard() would discard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed has no FSDP modules either
+        return
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        if plain:
+            raise RuntimeError(
+                f"parameter {plain[0]!r} of an FSDP2 model is unsharded right now; call model.reshard() "
+                "before loading or initialising weights"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> None:
+    """Copy an HF checkpoint into ``model``'s parameters in place (cast to each parameter's dtype).
+
+    Works for a plain module and for one sharded by FSDP2 after ``to_empty``. Errors name the tensor
+    and the file: missing keys, unexpected keys, shape mismatches. A tied LM head is the embedding's
+    Parameter, so ``lm_head.weight`` is neither required nor (if present) loaded.
+    """
+    check_writable_sharding(model)
+    files = checkpoint_tensor_files(model_dir)
+    params = dict(model.named_parameters())  # remove_duplicate: a tied weight appears once
+    where = Path(model_dir) / (INDEX_FILE if (Path(model_dir) / INDEX_FILE).is_file() else SINGLE_FILE)
+
+    missing = [n for n in params if n not in files]
+    if missing:
+        raise KeyError(f"{where}: missing tensor {missing[0]!r} (and {len(missing) - 1} more) that the model needs")
+    tied = _is_tied(model)
+    unexpected = [
+        n for n in files
+        if n not in params and not _HARMLESS_KEY.search(n) and not (tied and n == "lm_head.weight")
+    ]
+    if unexpected:
+        raise KeyError(
+            f"{where}: unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} more) that the model "
+            "does not have; is config.json the one that belongs to these weights?"
+        )
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for n in params:
+        by_file[files[n]].append(n)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for n in names:
+                param = params[n]
+                sl = f.get_slice(n)
+                found = tuple(sl.get_shape())
+                if found != tuple(param.shape):
+                    raise ValueError(
+                        f"{path}: tensor {n!r} has shape {found}, the model expects {tuple(param.shape)}"
+                    )
+                local, start, end = local_shard(param, n)
+                if end > start:
+                    local.copy_(sl[start:end])
+    reset = getattr(model, "reset_buffers", None)
+    if callable(reset):
+        reset()
+
+
+def _is_tied(model: torch.nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
+def save_hf_checkpoint(
+    full_state_dict: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+) -> Path:
+    """Write an HF checkpoint directory from a full (unsharded, e.g. rank 0's gathered) state dict.
+
+    Keys and shapes are checked against ``cfg`` before anything is written. With tied embeddings
+    ``lm_head.weight`` is dropped (transformers re-ties it). Floating tensors are cast to ``dtype``.
+    Atomic: written into ``<out_dir>.tmp-<pid>`` and renamed to ``out_dir`` only when complete; an
+    existing ``out_dir`` is an error unless ``overwrite=True``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    if tokenizer is not None and tokenizer_dir is not None:
+        raise ValueError("pass either tokenizer or tokenizer_dir, not both")
+    tensors = _checked_state_dict(full_state_dict, cfg)
+
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _write_safetensors(tensors, tmp, dtype, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(_hf_config(cfg, dtype), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        elif tokenizer_dir is not None:
+            _copy_tokenizer_files(Path(tokenizer_dir), tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in tmp.iterdir():
+            # safetensors creates files 0600; give them the usual umask-based mode like any output.
+            os.chmod(p, 0o666 & ~umask)
+            with open(p, "rb") as fh:  # durable before the rename makes it look finished
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def _checked_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    from fasttrain.model.decoder import CausalLM
+
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in CausalLM(cfg).named_parameters()}
+    out = {}
+    for name, t in sd.items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue  # the same Parameter as model.embed_tokens.weight; HF expects one key
+        if name not in expected:
+            raise KeyError(f"state dict key {name!r} is not a parameter of a {cfg.model_type} model per {cfg.source}")
+        if isinstance(t, DTensor):
+            raise TypeError(
+                f"state dict key {name!r} is a sharded DTensor; pass a full state dict "
+                "(torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True))"
+            )
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"state dict key {name!r} has shape {tuple(t.shape)}, {cfg.source} implies {expected[name]}"
+            )
+        out[name] = t
+    missing = [n for n in expected if n not in out]
+    if missing:
+        raise KeyError(f"state dict lacks {missing[0]!r} (and {len(missing) - 1} more)")
+    return out
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * (torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size())
+
+    # Plan shards first, then convert one shard at a time (never a second full copy in memory).
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        b = nbytes(t)
+        if shards[-1] and size + b > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += b
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    weight_map = {}
+    for fname, keys in zip(names, shards):
+        part = {}
+        for k in keys:
+            t = tensors[k].detach()
+            part[k] = t.to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+            weight_map[k] = fname
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        del part
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(nbytes(t) for t in tensors.values())}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    d = dict(cfg.hf_dict)
+    name = str(dtype).removeprefix("torch.")
+    d["dtype"] = name  # transformers >= 5 reads "dtype", older versions and vLLM "torch_dtype"
+    d["torch_dtype"] = name
+    d["tie_word_embeddings"] = cfg.tie_word_embeddings
+    if not d.get("architectures"):
+        d["architectures"] = [ARCHITECTURES[cfg.model_type]]
+    return d
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {src} does not exist")
+    copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not any(n.startswith(("tokenizer", "vocab")) for n in copied):
+        raise FileNotFoundError(f"{src}: no tokenizer files found (looked for {TOKENIZER_FILES})")
+    for n in copied:
+        shutil.copy2(src / n, dst / n)

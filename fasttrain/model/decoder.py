@@ -1,0 +1,224 @@
+"""Llama-family decoder over packed 1-D token streams (DESIGN §3, §5).
+
+Shape legend: T = tokens in the packed stream (no batch dimension), D = hidden size, F = FFN size,
+N = query heads, M = key/value heads, H = head_dim, V = vocabulary, R = LM-head rows (packing.py
+calls them N: lp_rows_N).
+
+Parameter names equal transformers' (``model.layers.{i}.self_attn.q_proj.weight`` ...), so HF state
+dicts map 1:1. There are no persistent buffers: RoPE frequencies are recomputed from the config
+(``reset_buffers``), so ``build_model(device="meta")`` + ``to_empty`` + load gives a complete model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fasttrain.attention import BACKENDS, varlen_attention
+from fasttrain.model.config import ModelConfig
+from fasttrain.model.rope import apply_rope, inv_freq, rope_cos_sin
+from fasttrain.packing import AttentionMeta, PackedBatch
+from fasttrain_kernels.reference import lm_head_logprobs
+
+LM_HEAD_IMPLS = ("torch",)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32, normalised value cast back before the weight multiply: transformers'
+        # order, so bf16 runs round identically.
+        in_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(in_dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, cfg.q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_dim, D, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H dims, before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q_TNH = self.q_proj(x_TD).view(T, self.n_heads, self.head_dim)
+        k_TMH = self.k_proj(x_TD).view(T, self.n_kv, self.head_dim)
+        v_TMH = self.v_proj(x_TD).view(T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q_TNH, k_TMH = self.q_norm(q_TNH), self.k_norm(k_TMH)
+        q_TNH = apply_rope(q_TNH, cos_TH, sin_TH)
+        k_TMH = apply_rope(k_TMH, cos_TH, sin_TH)
+        o_TNH = varlen_attention(q_TNH, k_TMH, v_TMH, attn, backend)
+        return self.o_proj(o_TNH.reshape(T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D, Fd = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(D, Fd, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(D, Fd, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(Fd, D, bias=cfg.mlp_bias)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str, recompute: bool = False):
+        # Checkpointing happens inside the block's forward, so an FSDP2 hook on this module fires
+        # once around it (and the pre-backward unshard covers the recomputation), the same
+        # composition as torchtitan's checkpoint_wrapper-then-fully_shard.
+        if recompute:
+            return checkpoint(self._block, h_TD, cos_TH, sin_TH, attn, backend, use_reentrant=False)
+        return self._block(h_TD, cos_TH, sin_TH, attn, backend)
+
+    def _block(self, h_TD, cos_TH, sin_TH, attn, backend):
+        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), cos_TH, sin_TH, attn, backend)
+        return h_TD + self.mlp(self.post_attention_layernorm(h_TD))
+
+
+class DecoderModel(nn.Module):
+    """HF's ``model.*`` submodule: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._tie_weights()
+        self.attention_backend = "reference"
+        self.lm_head_impl = "torch"
+        self.activation_checkpointing = False
+        # Not a buffer: module.to(bf16) would round it, and meta/to_empty would leave it garbage.
+        # Cached per device; reset_buffers() clears it.
+        self._inv_freq_cache: dict[torch.device, torch.Tensor] = {}
+
+    def _tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            # One Parameter under two names: FSDP shards/gathers it once and the LM head's gradient
+            # accumulates into the embedding. state_dict() then lists both keys; saving drops lm_head.
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # nn.Module._apply may replace each module's Parameter separately (it does for to_empty from
+        # meta), which would untie the LM head from the embedding; re-tie after every conversion.
+        out = super()._apply(fn, *args, **kwargs)
+        self._tie_weights()
+        return out
+
+    # -- settings --------------------------------------------------------------------------------
+    def set_attention_backend(self, name: str) -> None:
+        """Takes a resolved backend name (fasttrain.attention.resolve_backend), not "auto"."""
+        if name not in BACKENDS or name == "auto":
+            raise ValueError(f"attention backend {name!r}: expected a resolved one of {BACKENDS[1:]}")
+        self.attention_backend = name
+
+    def reset_buffers(self) -> None:
+        self._inv_freq_cache = {}
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        t = self._inv_freq_cache.get(device)
+        if t is None:  # computed on the CPU like transformers does, then moved
+            t = inv_freq(self.config.rope, self.config.head_dim).to(device)
+            self._inv_freq_cache[device] = t
+        return t
+
+    # -- forward paths --------------------------------------------------------------------------
+    def hidden_states(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor,
+                      attn: AttentionMeta) -> torch.Tensor:
+        """h_TD after the final norm."""
+        window = self.config.sliding_window
+        if window is not None and attn.max_seqlen_k > window:
+            raise ValueError(
+                f"a segment attends {attn.max_seqlen_k} keys but the model's sliding_window is {window}; "
+                "sliding-window attention is not implemented (see ModelConfig.check_max_length)"
+            )
+        h_TD = self.model.embed_tokens(input_ids_T)
+        cos_TH, sin_TH = rope_cos_sin(self._inv_freq(h_TD.device), position_ids_T, h_TD.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            h_TD = layer(h_TD, cos_TH, sin_TH, attn, self.attention_backend, recompute)
+        return self.model.norm(h_TD)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """logp_R (fp32): log-prob of lp_targets_N under the rows lp_rows_N. The LM head runs here,
+        inside the module's forward, so FSDP's hooks have gathered its (maybe tied) weight."""
+        h_TD = self.hidden_states(batch.input_ids_T, batch.position_ids_T, batch.attn)
+        h_RD = h_TD.index_select(0, batch.lp_rows_N)
+        if self.lm_head_impl == "torch":
+            return lm_head_logprobs(h_RD, self.lm_head.weight, batch.lp_targets_N)
+        raise ValueError(f"lm_head_impl {self.lm_head_impl!r}: expected one of {LM_HEAD_IMPLS}")
+
+    def logits(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, attn: AttentionMeta) -> torch.Tensor:
+        """logits_TV for every row (parity tests; training never materialises these)."""
+        return self.lm_head(self.hidden_states(input_ids_T, position_ids_T, attn))
+
+    # -- initialisation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Linear/Embedding weights ~ N(0, std), biases 0, norm weights 1.
+
+        Every parameter's full tensor is drawn on the CPU from one generator in named_parameters()
+        order and the local rows are copied in, so the result is the same unsharded, FSDP-sharded
+        (any world size) or on any device. Meant for tests and the demo model, not for 70B.
+        """
+        # checkpoint.py imports this module lazily only, so no import cycle at load time.
+        from fasttrain.model.checkpoint import check_writable_sharding, local_shard
+
+        check_writable_sharding(self)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():  # a tied weight appears once
+            local, start, end = local_shard(param, name)
+            if name.endswith("norm.weight"):
+                local.fill_(1.0)
+            elif name.endswith(".bias"):
+                local.zero_()
+            else:
+                full = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+                local.copy_(full[start:end])
+        self.reset_buffers()
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> CausalLM:
+    """Construct on the meta device (no memory, no init cost), then for a real device materialise it
+    and run init_weights(seed=0). With device="meta" the caller shards it (fully_shard), calls
+    ``to_empty(device=...)`` and ``load_hf_weights`` (or ``init_weights``)."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.to(dtype)
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.init_weights(seed=0)
+    return model
