@@ -67,6 +67,7 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate before training and at the end only
     save_final: bool = True
+    save_dtype: str = "bfloat16"  # dtype of the exported HF weights: bfloat16 | float32
     progress_bar: bool = True
     tensorboard: bool = True  # used when tensorboard is installed
     plot: bool = True  # PNG of the curves when matplotlib is installed
@@ -87,6 +88,7 @@ class RunConfig:
             ("model", "attention_backend"): ("auto", "flash_attn", "torch_varlen", "reference"),
             ("model", "lm_head_impl"): ("torch",),
             ("model", "compute_dtype"): ("bfloat16", "float32"),
+            ("train", "save_dtype"): ("bfloat16", "float32"),
             ("data", "template"): ("qwen2-boxed", "alpaca", "deepseek-math", "chat"),
             ("data", "mode"): ("step", "full"),
             ("loss", "loss_type"): ("sigmoid", "ipo"),

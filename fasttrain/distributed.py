@@ -69,6 +69,21 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, reshard_last
     fully_shard(model, mp_policy=policy)
 
 
+def reshard_all(model: torch.nn.Module) -> None:
+    """Free the gathered parameters that a forward without backward leaves behind.
+
+    The root and the last block keep their unsharded parameters after forward (backward would need
+    them first). After a no-grad pass (reference precompute, evaluation) nothing will free them,
+    and while they are held ``model.parameters()`` yields those plain tensors, not the sharded
+    DTensors the optimizer must update.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

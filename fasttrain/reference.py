@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.distributed import all_reduce_sum, broadcast_object
+from fasttrain.distributed import all_reduce_sum, broadcast_object, reshard_all
 from fasttrain.loss import continuation_logps, pair_logps
 from fasttrain.packing import PromptGroup, pack_groups
 
@@ -62,6 +62,7 @@ def compute_pair_logps(
         chosen_B, rejected_B = pair_logps(cont_M, batch.chosen_cont_B, batch.rejected_cont_B)
         table_P2[batch.pair_index_B, 0] = chosen_B
         table_P2[batch.pair_index_B, 1] = rejected_B
+    reshard_all(model)
     model.train(was_training)
     return all_reduce_sum(table_P2)
 

@@ -166,6 +166,7 @@ def evaluate(model, reference, micro_batches, device, cfg, world_size, flop_mode
     for groups in micro_batches:
         sums, _, _ = run_micro_batch(model, reference, groups, device, cfg, world_size, flop_model, train=False)
         total += sums
+    fdist.reshard_all(model)
     model.train(was_training)
     return MetricSums.report(fdist.all_reduce_sum(total).cpu())
 
@@ -219,6 +220,12 @@ def train(cfg: RunConfig) -> dict:
     # ---- models
     model = build_sharded_model(cfg, dist_info, backend, trainable=True)
     flop_model = FlopModel.of(model)
+    # Built before any forward: the optimizer must hold the sharded (DTensor) parameters.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+        weight_decay=cfg.train.weight_decay,
+    )
     # Fixed held-out and train subsets for before/after evaluation (same pairs every time).
     eval_sets = {"train_subset": groups_of(train_data, 256)}
     if eval_data is not None:
@@ -251,11 +258,6 @@ def train(cfg: RunConfig) -> dict:
             else:
                 eval_refs["eval"] = PrecomputedReference(table)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
-        weight_decay=cfg.train.weight_decay,
-    )
     total_steps = len(plans)
     warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -318,7 +320,9 @@ def train(cfg: RunConfig) -> dict:
             t_last = time.perf_counter()
             tokens_since = flops_since = pairs_since = 0.0
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
+            t_eval = time.perf_counter()
             run_evals(step)
+            t_last += time.perf_counter() - t_eval  # throughput counts training time only
 
     after = run_evals(total_steps)
     summary = {"steps": total_steps, "first_step": history[0] if history else None,
@@ -352,6 +356,6 @@ def save_final_checkpoint(model, cfg: RunConfig, out: Path, dist_info: fdist.Dis
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist_info.is_main:
         save_hf_checkpoint(state, model.config, out, tokenizer_dir=cfg.model.tokenizer or cfg.model.path,
-                           overwrite=cfg.train.overwrite)
+                           dtype=getattr(torch, cfg.train.save_dtype), overwrite=cfg.train.overwrite)
         log.info("final checkpoint (HF format): %s", out)
     fdist.barrier()

@@ -1,0 +1,170 @@
+"""End-to-end runs of ``fasttrain/run.py`` on CPU: FSDP2 on 2 gloo ranks equals one process, the first
+step of policy == reference is ln 2, live == precomputed reference, the demo learns, bad input is named."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "fasttrain" / "run.py"
+DEMO = REPO / "fasttrain" / "demo"
+
+
+def run_fasttrain(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = 600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(RUN), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(29500 + os.getpid() % 1000), str(RUN), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def small_train_file(tmp_path: Path, n: int) -> Path:
+    lines = (DEMO / "data" / "train.jsonl").read_text().splitlines()[:n]
+    path = tmp_path / "train_small.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def common_overrides(tmp_path: Path, out: str, train_file: Path) -> list[str]:
+    return [
+        "--config", str(DEMO / "demo.yaml"),
+        f"data.train={train_file}", "data.eval=", f"data.cache_dir={tmp_path / ('cache-' + out)}",
+        f"train.output_dir={tmp_path / out}", "train.max_steps=3", "train.global_batch_pairs=10",
+        "train.tokens_per_micro_batch=1024", "train.log_every=1", "train.eval_every=0",
+        "train.save_dtype=float32", "train.plot=false", "train.warmup_ratio=0", "train.lr=2e-3",
+    ]
+
+
+def read_metrics(out_dir: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def check(result):
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("pairs_per_step", [10, 1])
+def test_two_ranks_equal_one_process_and_first_loss_is_ln2(tmp_path, pairs_per_step):
+    data = small_train_file(tmp_path, 40)
+    # AdamW's first update is ~lr * sign(g): for the few weights whose gradient is ~1e-10 (float32
+    # summation-order noise is ~1e-12) the sign is noise and one run moves them +lr, the other -lr.
+    # eps = 1e-6 makes the update continuous in g there (|update| <= lr * |g| / eps) and leaves the
+    # real gradients (|g| ~ 1e-5..1e-3) unaffected, so weights can be compared at float32 tolerance.
+    geometry = [f"train.global_batch_pairs={pairs_per_step}", "train.adam_eps=1e-6"]
+    one = run_fasttrain(common_overrides(tmp_path, "one", data) + geometry, nproc=1)
+    check(one)
+    two = run_fasttrain(common_overrides(tmp_path, "two", data) + geometry, nproc=2)
+    check(two)
+
+    # Uneven micro-batches: with 10 pairs every rank runs 2 micro-batches of different token counts;
+    # with 1 pair per step rank 1 runs only the dummy micro-batch.
+    from fasttrain.data import prepare_dataset
+    from fasttrain.schedule import plan_steps
+    from fasttrain.trainer import groups_of, load_tokenizer
+
+    tok = load_tokenizer(str(DEMO / "model"))
+    pairs = prepare_dataset(str(data), tok, "qwen2-boxed", 512, 384)
+    plans = plan_steps(groups_of(pairs), pairs_per_step, 2, 1024, seed=42, epochs=4.0, max_steps=3)
+    tokens = [[sum(g.num_tokens for g in mb) for mb in plan.micro_batches[r]] for plan in plans for r in range(2)]
+    if pairs_per_step == 1:
+        assert all(t == [0] for t in tokens[1::2])
+    else:
+        assert len({t for per_rank in tokens for t in per_rank}) > 2
+
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in m1] == [1, 2, 3] == [r["step"] for r in m2]
+    for a, b in zip(m1, m2):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    # policy == reference at step 1 (precomputed by the same weights) -> loss = ln 2. The packing of the
+    # precompute pass differs from the training step's, so allow float32 rounding of ~250-nat sums:
+    # |d(pi - ref)| ~ 250 * 6e-8 * few -> beta * that / 2 << 1e-5.
+    assert m1[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+    assert m1[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert m1[-1]["loss"] != pytest.approx(math.log(2.0), abs=1e-5)  # it did train
+
+    w1 = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    w0 = load_file(DEMO / "model" / "model.safetensors")
+    for name in w1:
+        moved = (w1[name] - w0[name].float()).abs().max().item()
+        # Three AdamW steps at lr 2e-3 move weights by up to 6e-3. AdamW divides each update by the
+        # weight's own gradient scale, so float32 summation-order noise in small gradients shows up
+        # amplified (seen: 4e-6 at most); 1e-5 is 0.25% of the update, while a wrong gradient (e.g. a
+        # missing rank's contribution or a 2x normalisation error) moves weights by ~1e-3.
+        torch.testing.assert_close(w1[name], w2[name], rtol=0, atol=1e-5, msg=f"{name} (moved {moved:.2e})")
+
+
+def test_live_reference_equals_precomputed(tmp_path):
+    data = small_train_file(tmp_path, 30)
+    pre = run_fasttrain(common_overrides(tmp_path, "pre", data) + ["train.max_steps=2", "train.save_final=false"])
+    check(pre)
+    live = run_fasttrain(
+        common_overrides(tmp_path, "live", data) + ["train.max_steps=2", "train.save_final=false", "loss.reference=live"]
+    )
+    check(live)
+    for a, b in zip(read_metrics(tmp_path / "pre"), read_metrics(tmp_path / "live")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/chosen"] == pytest.approx(b["rewards/chosen"], abs=1e-4)
+
+
+def test_demo_learns_on_two_ranks(tmp_path):
+    """A short real run of the demo: reward accuracy and margins rise, on train and held-out pairs."""
+    result = run_fasttrain(
+        ["--demo", f"train.output_dir={tmp_path / 'demo'}", f"data.cache_dir={tmp_path / 'cache'}",
+         "train.epochs=0.5", "train.eval_every=0", "train.plot=false"],
+        nproc=2,
+    )
+    check(result)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    for split in ("train_subset", "eval"):
+        before, after = summary["before"][split], summary["after"][split]
+        assert before["rewards/accuracies"] == 0.0 and before["loss"] == pytest.approx(math.log(2), abs=1e-4)
+        assert after["rewards/accuracies"] > 0.55, (split, after)
+        assert after["rewards/margins"] > 0.0 and after["loss"] < before["loss"]
+    assert (tmp_path / "demo" / "final" / "config.json").exists()
+
+
+def test_bad_data_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (DEMO / "data" / "train.jsonl").read_text().splitlines()[:3]
+    bad.write_text("\n".join(good) + '\n{"prompt": "x", "initial_reason_steps": "", "chosen": "a"}\n')
+    result = run_fasttrain(common_overrides(tmp_path, "bad", bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "bad.jsonl" in result.stderr and "line 4" in result.stderr and "rejected" in result.stderr
+    assert not (tmp_path / "bad" / "final").exists()
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    data = small_train_file(tmp_path, 12)
+    args = common_overrides(tmp_path, "keep", data)
+    result = run_fasttrain(args)
+    assert result.returncode == 2 and "train.overwrite=true" in result.stderr
+    assert (out / "precious.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [("train.lr=fast", "train.lr"), ("train.bogus=1", "unknown key train.bogus"), ("loss.reference=maybe", "loss.reference"),
+     ("data.max_prompt_length=600", "data.max_prompt_length")],
+)
+def test_bad_config_is_named(tmp_path, override, needle):
+    result = run_fasttrain(["--config", str(DEMO / "demo.yaml"), f"train.output_dir={tmp_path / 'o'}", override])
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
