@@ -25,6 +25,7 @@ class ModelSection:
     lm_head_impl: str = "torch"  # torch (Triton fused head is its own issue)
     activation_checkpointing: bool = True
     compute_dtype: str = "bfloat16"  # bfloat16 | float32 (master weights + AdamW state are always fp32)
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state live in host memory
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainSection:
     lr: float = 5e-7
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta2: float = 0.999  # HF Trainer default, which the official Step-DPO recipe used
     adam_eps: float = 1e-8
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0

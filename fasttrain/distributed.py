@@ -53,7 +53,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
-def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, reshard_last: bool = False) -> None:
+def shard_model(
+    model: torch.nn.Module, compute_dtype: torch.dtype, reshard_last: bool = False, cpu_offload: bool = False
+) -> None:
     """fully_shard every decoder block, then the root (embedding, final norm, LM head).
 
     Parameters stay fp32 (the master copy the optimizer updates); FSDP casts the gathered copy to
@@ -62,11 +64,16 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, reshard_last
     would be wasted communication.
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    extra = {}
+    if cpu_offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        extra["offload_policy"] = CPUOffloadPolicy()
     layers = model.model.layers
     for i, block in enumerate(layers):
         last = i == len(layers) - 1
-        fully_shard(block, mp_policy=policy, reshard_after_forward=not last or reshard_last)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=not last or reshard_last, **extra)
+    fully_shard(model, mp_policy=policy, **extra)
 
 
 def reshard_all(model: torch.nn.Module) -> None:

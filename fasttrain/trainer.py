@@ -101,11 +101,16 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
         model_cfg = ModelConfig.from_model_dir(cfg.model.path)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
+    try:
+        model_cfg.check_max_length(cfg.data.max_length)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    check_memory_plan(model_cfg, cfg, dist_info, trainable)
     model = build_model(model_cfg, device="meta", dtype=torch.float32)  # fp32 master weights
     model.set_attention_backend(backend)
     model.activation_checkpointing = cfg.model.activation_checkpointing and trainable
     compute_dtype = getattr(torch, cfg.model.compute_dtype)
-    fdist.shard_model(model, compute_dtype)
+    fdist.shard_model(model, compute_dtype, cpu_offload=cfg.model.cpu_offload and trainable)
     model.to_empty(device=dist_info.device)
     model.reset_buffers()
     try:
@@ -117,6 +122,30 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo, trainable: bool) -> None:
+    """Fail before allocating anything when the sharded training state cannot fit the GPU (DESIGN §6).
+
+    Trainable: fp32 params + fp32 grads + AdamW m, v = 16 bytes/param, sharded over all ranks (host
+    memory instead with model.cpu_offload). Frozen live reference: fp32 shards, 4 bytes/param.
+    Activations and the gathered bf16 blocks come on top, so at most 85% of the card is planned.
+    """
+    if dist_info.device.type != "cuda":
+        return
+    from fasttrain.model.config import num_params
+
+    n = num_params(model_cfg)
+    bytes_per_param = (0 if cfg.model.cpu_offload else 16) if trainable else 4
+    need = n * bytes_per_param / dist_info.world_size
+    have = torch.cuda.get_device_properties(dist_info.device).total_memory
+    if need > 0.85 * have:
+        raise UserError(
+            f"{'training state' if trainable else 'live reference'} of {n / 1e9:.1f}B params needs "
+            f"{need / 2**30:.1f} GiB per GPU on {dist_info.world_size} GPU(s) "
+            f"({bytes_per_param} bytes/param sharded), more than 85% of this card's {have / 2**30:.0f} GiB. "
+            "Use more GPUs (nodes), model.cpu_offload=true, or loss.reference=precompute."
+        )
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
