@@ -25,9 +25,10 @@ class PairLogps:
 
 
 def continuation_logps(logp_N: torch.Tensor, cont_N: torch.Tensor, num_continuations: int) -> torch.Tensor:
-    """Segment-sum token log-probs into one float32 sum per continuation: [M]."""
-    out_M = torch.zeros(num_continuations, dtype=torch.float32, device=logp_N.device)
-    return out_M.index_add(0, cont_N, logp_N.float())
+    """Segment-sum token log-probs into one sum per continuation: [M], float32 (float64 stays float64)."""
+    acc = torch.promote_types(logp_N.dtype, torch.float32)
+    out_M = torch.zeros(num_continuations, dtype=acc, device=logp_N.device)
+    return out_M.index_add(0, cont_N, logp_N.to(acc))
 
 
 def pair_logps(cont_logp_M: torch.Tensor, chosen_B: torch.Tensor, rejected_B: torch.Tensor):

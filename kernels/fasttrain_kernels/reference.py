@@ -12,7 +12,8 @@ import torch
 
 def lm_head_logprobs(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     # Matmul in the compute dtype (bf16 on GPU, as the model runs), softmax statistics in fp32.
-    logits_NV = (h_ND @ w_VD.t()).float()
+    acc = torch.promote_types(h_ND.dtype, torch.float32)
+    logits_NV = (h_ND @ w_VD.t()).to(acc)
     lse_N = torch.logsumexp(logits_NV, dim=-1)
     target_logit_N = logits_NV.gather(1, targets_N[:, None]).squeeze(1)
     return target_logit_N - lse_N
