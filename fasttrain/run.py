@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from fasttrain.config import ConfigError, load_config
     from fasttrain.data.errors import DataError
-    from fasttrain.trainer import UserError, train
+    from fasttrain.errors import UserError
+    from fasttrain.trainer import train
 
     config_path = args.config
     if args.demo:

@@ -16,7 +16,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 from fasttrain.data import (  # noqa: E402
     TEMPLATES,
     DataError,
-    RecordSet,
     StepRecord,
     TokenizedPairs,
     dataset_fingerprint,

@@ -15,7 +15,7 @@ from fasttrain.model.checkpoint import load_hf_weights
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
 from fasttrain.packing import AttentionMeta, build_groups, pack_groups
-from fasttrain.trainer import load_tokenizer
+from fasttrain.building import load_tokenizer
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "fasttrain" / "demo" / "model"
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -72,7 +71,7 @@ def test_two_ranks_equal_one_process_and_first_loss_is_ln2(tmp_path, pairs_per_s
     # with 1 pair per step rank 1 runs only the dummy micro-batch.
     from fasttrain.data import prepare_dataset
     from fasttrain.schedule import plan_steps
-    from fasttrain.trainer import groups_of, load_tokenizer
+    from fasttrain.building import groups_of, load_tokenizer
 
     tok = load_tokenizer(str(DEMO / "model"))
     pairs = prepare_dataset(str(data), tok, "qwen2-boxed", 512, 384)

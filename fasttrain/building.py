@@ -1,0 +1,192 @@
+"""Assemble what a run needs: output directory, tokenizer, tokenized data, FSDP-sharded models and
+the reference log-probs. Every user-facing failure here is a UserError with one clear message."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttrain import distributed as fdist
+from fasttrain.config import RunConfig
+from fasttrain.errors import UserError
+from fasttrain.packing import PromptGroup, build_groups
+from fasttrain.reference import (
+    LiveReference,
+    PrecomputedReference,
+    compute_pair_logps,
+    load_or_compute_table,
+    model_fingerprint,
+)
+from fasttrain.schedule import plan_inference
+
+log = logging.getLogger("fasttrain")
+
+
+def prepare_output_dir(cfg: RunConfig, is_main: bool) -> Path:
+    out = Path(cfg.train.output_dir)
+    if is_main:
+        if out.exists() and any(out.iterdir()) and not cfg.train.overwrite:
+            raise UserError(
+                f"output directory {out} exists and is not empty; pass train.overwrite=true to replace "
+                "its contents, or choose another train.output_dir"
+            )
+        if out.exists() and cfg.train.overwrite:
+            for name in ("metrics.jsonl", "curves.png", "summary.json", "tensorboard"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    fdist.barrier()
+    return out
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types here; the user needs the path and cause
+        raise UserError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+def load_datasets(cfg: RunConfig, dist_info: fdist.DistInfo, tokenizer):
+    """(train, eval or None) as TokenizedPairs. Rank 0 tokenizes and fills the cache; the others
+    then read the cache, so N ranks never tokenize (or write the cache) concurrently."""
+    from fasttrain.data import prepare_dataset
+
+    kwargs = dict(template=cfg.data.template, max_length=cfg.data.max_length,
+                  max_prompt_length=cfg.data.max_prompt_length, mode=cfg.data.mode,
+                  skip_bad_rows=cfg.data.skip_bad_rows, cache_dir=cfg.data.cache_dir)
+
+    def prepare(path: str):
+        if dist_info.is_main:
+            t0 = time.perf_counter()
+            data = prepare_dataset(path, tokenizer, **kwargs)
+            log.info("data %s: %d pairs in %.1fs; %s", path, len(data), time.perf_counter() - t0,
+                     data.stats.summary())
+            fdist.barrier()
+        else:
+            fdist.barrier()
+            data = prepare_dataset(path, tokenizer, **kwargs)
+        return data
+
+    return prepare(cfg.data.train), (prepare(cfg.data.eval) if cfg.data.eval else None)
+
+
+def tokenized_fingerprint(data) -> str:
+    h = hashlib.sha256()
+    for seqs in (data.prompts, data.chosens, data.rejecteds):
+        h.update(np.concatenate(seqs).astype(np.int64).tobytes() if seqs else b"")
+        h.update(np.asarray([len(s) for s in seqs], dtype=np.int64).tobytes())
+    return h.hexdigest()[:20]
+
+
+def groups_of(data, num_pairs: int | None = None) -> list[PromptGroup]:
+    n = len(data.record_ids) if num_pairs is None else min(num_pairs, len(data.record_ids))
+    return build_groups(data.prompts[:n], data.chosens[:n], data.rejecteds[:n], data.record_ids[:n], range(n))
+
+
+def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, trainable: bool):
+    from fasttrain.model.checkpoint import load_hf_weights
+    from fasttrain.model.config import ModelConfig
+    from fasttrain.model.decoder import build_model
+
+    try:
+        model_cfg = ModelConfig.from_model_dir(cfg.model.path)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from None
+    try:
+        model_cfg.check_max_length(cfg.data.max_length)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    check_memory_plan(model_cfg, cfg, dist_info, trainable)
+    model = build_model(model_cfg, device="meta", dtype=torch.float32)  # fp32 master weights
+    model.set_attention_backend(backend)
+    model.activation_checkpointing = cfg.model.activation_checkpointing and trainable
+    compute_dtype = getattr(torch, cfg.model.compute_dtype)
+    fdist.shard_model(model, compute_dtype, cpu_offload=cfg.model.cpu_offload and trainable)
+    model.to_empty(device=dist_info.device)
+    model.reset_buffers()
+    try:
+        load_hf_weights(model, cfg.model.path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(str(e)) from None
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo, trainable: bool) -> None:
+    """Fail before allocating anything when the sharded training state cannot fit the GPU (DESIGN §6).
+
+    Trainable: fp32 params + fp32 grads + AdamW m, v = 16 bytes/param, sharded over all ranks (host
+    memory instead with model.cpu_offload). Frozen live reference: fp32 shards, 4 bytes/param.
+    Activations and the gathered bf16 blocks come on top, so at most 85% of the card is planned.
+    """
+    if dist_info.device.type != "cuda":
+        return
+    from fasttrain.model.config import num_params
+
+    n = num_params(model_cfg)
+    bytes_per_param = (0 if cfg.model.cpu_offload else 16) if trainable else 4
+    need = n * bytes_per_param / dist_info.world_size
+    have = torch.cuda.get_device_properties(dist_info.device).total_memory
+    if need > 0.85 * have:
+        raise UserError(
+            f"{'training state' if trainable else 'live reference'} of {n / 1e9:.1f}B params needs "
+            f"{need / 2**30:.1f} GiB per GPU on {dist_info.world_size} GPU(s) "
+            f"({bytes_per_param} bytes/param sharded), more than 85% of this card's {have / 2**30:.0f} GiB. "
+            "Use more GPUs (nodes), model.cpu_offload=true, or loss.reference=precompute."
+        )
+
+
+@dataclass
+class References:
+    """The reference used by training steps, and the one for each evaluation set."""
+
+    train: object
+    by_eval_set: dict[str, object]
+
+
+def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, policy, train_data, eval_data,
+                     eval_sets: dict[str, list[PromptGroup]]) -> References:
+    """Live: a frozen sharded copy. Precompute: one pass of the (still initial) policy over the train
+    and eval sets, cached on disk under a key of model files, tokens, compute dtype and LM head."""
+    if cfg.loss.reference == "live":
+        live = LiveReference(build_sharded_model(cfg, dist_info, backend, trainable=False))
+        return References(live, {name: live for name in eval_sets})
+    world, budget = dist_info.world_size, cfg.train.tokens_per_micro_batch
+    mfp = model_fingerprint(cfg.model.path)
+    tables = {}
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        if data is None:
+            continue
+        groups = groups_of(data)
+        key = {"model": mfp, "tokens": tokenized_fingerprint(data), "dtype": cfg.model.compute_dtype,
+               "lm_head": cfg.model.lm_head_impl}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        t0 = time.perf_counter()
+        table, cached = load_or_compute_table(
+            Path(cfg.data.cache_dir) / "reference" / f"{digest}.pt", key,
+            lambda: compute_pair_logps(policy, plan_inference(groups, world, budget)[dist_info.rank], len(data),
+                                       dist_info.device),
+            dist_info.is_main, dist_info.device,
+        )
+        log.info("reference log-probs (%s): %s in %.1fs", name, "cache hit" if cached else "precomputed",
+                 time.perf_counter() - t0)
+        tables[name] = PrecomputedReference(table)
+    by_eval = {"train_subset": tables["train"]}
+    if "eval" in tables:
+        by_eval["eval"] = tables["eval"]
+    return References(tables["train"], by_eval)
