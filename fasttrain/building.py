@@ -22,7 +22,6 @@ from fasttrain.reference import (
     PrecomputedReference,
     compute_pair_logps,
     load_or_compute_table,
-    model_fingerprint,
 )
 from fasttrain.schedule import plan_inference
 
@@ -30,15 +29,17 @@ log = logging.getLogger("fasttrain")
 
 
 def prepare_output_dir(cfg: RunConfig, is_main: bool) -> Path:
+    """Never overwrite what is there unless asked: a non-empty output directory needs
+    train.overwrite=true (replaces fasttrain's own files only) or train.resume (continues the run)."""
     out = Path(cfg.train.output_dir)
     if is_main:
-        if out.exists() and any(out.iterdir()) and not cfg.train.overwrite:
+        if out.exists() and any(out.iterdir()) and not (cfg.train.overwrite or cfg.train.resume):
             raise UserError(
-                f"output directory {out} exists and is not empty; pass train.overwrite=true to replace "
-                "its contents, or choose another train.output_dir"
+                f"output directory {out} exists and is not empty; pass train.resume=auto to continue that run, "
+                "train.overwrite=true to replace its contents, or choose another train.output_dir"
             )
-        if out.exists() and cfg.train.overwrite:
-            for name in ("metrics.jsonl", "curves.png", "summary.json", "tensorboard"):
+        if out.exists() and cfg.train.overwrite and not cfg.train.resume:
+            for name in ("metrics.jsonl", "curves.png", "summary.json", "tensorboard", "checkpoints"):
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -157,23 +158,24 @@ class References:
 
     train: object
     by_eval_set: dict[str, object]
+    all_cached: bool = True  # precompute: every table came from the on-disk cache
 
 
 def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, policy, train_data, eval_data,
-                     eval_sets: dict[str, list[PromptGroup]]) -> References:
+                     eval_sets: dict[str, list[PromptGroup]], model_fp: str) -> References:
     """Live: a frozen sharded copy. Precompute: one pass of the (still initial) policy over the train
     and eval sets, cached on disk under a key of model files, tokens, compute dtype and LM head."""
     if cfg.loss.reference == "live":
         live = LiveReference(build_sharded_model(cfg, dist_info, backend, trainable=False))
         return References(live, {name: live for name in eval_sets})
     world, budget = dist_info.world_size, cfg.train.tokens_per_micro_batch
-    mfp = model_fingerprint(cfg.model.path)
     tables = {}
+    all_cached = True
     for name, data in (("train", train_data), ("eval", eval_data)):
         if data is None:
             continue
         groups = groups_of(data)
-        key = {"model": mfp, "tokens": tokenized_fingerprint(data), "dtype": cfg.model.compute_dtype,
+        key = {"model": model_fp, "tokens": tokenized_fingerprint(data), "dtype": cfg.model.compute_dtype,
                "lm_head": cfg.model.lm_head_impl}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         t0 = time.perf_counter()
@@ -186,7 +188,8 @@ def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, po
         log.info("reference log-probs (%s): %s in %.1fs", name, "cache hit" if cached else "precomputed",
                  time.perf_counter() - t0)
         tables[name] = PrecomputedReference(table)
+        all_cached &= cached
     by_eval = {"train_subset": tables["train"]}
     if "eval" in tables:
         by_eval["eval"] = tables["eval"]
-    return References(tables["train"], by_eval)
+    return References(tables["train"], by_eval, all_cached)

@@ -70,6 +70,11 @@ class TrainSection:
     save_final: bool = True
     save_dtype: str = "bfloat16"  # dtype of the exported HF weights: bfloat16 | float32
     progress_bar: bool = True
+    resume: str = ""  # "" (fresh run), "auto" (newest complete checkpoint in output_dir, if any), or a path
+    checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: off)
+    checkpoint_minutes: float = 0.0  # ... and/or every so many minutes (0: off)
+    keep_checkpoints: int = 2  # the newest K resumable checkpoints are kept
+    max_consecutive_skips: int = 3  # non-finite loss/grad-norm steps in a row before the run stops
     tensorboard: bool = True  # used when tensorboard is installed
     plot: bool = True  # PNG of the curves when matplotlib is installed
 
@@ -121,6 +126,10 @@ class RunConfig:
             raise ConfigError(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 0.5)")
         if t.lr <= 0 or not 0 <= t.warmup_ratio < 1:
             raise ConfigError("train.lr must be > 0 and train.warmup_ratio in [0, 1)")
+        if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
+            raise ConfigError(f"train.resume={t.resume!r}: expected '', 'auto' or an existing checkpoint directory")
+        if t.max_consecutive_skips < 1:
+            raise ConfigError("train.max_consecutive_skips must be >= 1")
         if t.epochs <= 0 and t.max_steps <= 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
 

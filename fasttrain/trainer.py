@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from fasttrain import checkpointing
 from fasttrain import distributed as fdist
 from fasttrain.attention import resolve_backend
-from fasttrain.config import RunConfig
-from fasttrain.flops import FlopModel
-from fasttrain.loss import MetricSums, PairLogps, continuation_logps, dpo_pair_losses, metric_sums, pair_logps
 from fasttrain.building import (
     build_references,
     build_sharded_model,
@@ -29,14 +28,32 @@ from fasttrain.building import (
     load_datasets,
     load_tokenizer,
     prepare_output_dir,
+    tokenized_fingerprint,
+)
+from fasttrain.config import RunConfig
+from fasttrain.errors import UserError
+from fasttrain.faults import Faults
+from fasttrain.flops import FlopModel
+from fasttrain.loss import (
+    MetricSums,
+    PairLogps,
+    continuation_logps,
+    dpo_pair_losses,
+    metric_sums,
+    pair_logps,
 )
 from fasttrain.packing import pack_groups
+from fasttrain.reference import model_fingerprint
 from fasttrain.reporting import MetricsLogger, ProgressBar, plot_curves, setup_logging
 from fasttrain.schedule import plan_inference, plan_steps
 
 log = logging.getLogger("fasttrain")
 
 H100_BF16_TFLOPS = 785.0  # dense bf16 matmul measured on the H100 here (DESIGN §6)
+
+
+class TrainingStopped(UserError):
+    """Too many consecutive non-finite steps: the run stops with a message (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,14 +66,8 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-@dataclass
-class StepResult:
-    sums: torch.Tensor  # MetricSums vector, summed over micro-batches (this rank)
-    tokens: int
-    flops: float
-
-
-def run_micro_batch(model, reference, groups, device, cfg: RunConfig, world_size: int, flop_model, train: bool):
+def run_micro_batch(model, reference, groups, device, cfg: RunConfig, world_size: int, flop_model, train: bool,
+                    loss_scale: float | None = None):
     """Forward (+ backward when training) one micro-batch; returns its metric sums and work."""
     batch = pack_groups(groups).to(device)
     with torch.set_grad_enabled(train):
@@ -74,6 +85,9 @@ def run_micro_batch(model, reference, groups, device, cfg: RunConfig, world_size
         if train:
             # 0 * sum(logp) keeps every parameter in the graph for dummy (pair-less) micro-batches.
             loss = (losses_B.sum() + 0.0 * logp_N.sum()) * (world_size / cfg.train.global_batch_pairs)
+            if loss_scale is not None:  # fault injection (tests): a NaN step
+                loss = loss * loss_scale
+                losses_B = losses_B * loss_scale
             loss.backward()
     sums = metric_sums(PairLogps(pol_c, pol_r, ref_c, ref_r), losses_B, cfg.loss.beta).as_vector()
     flops = flop_model.batch(batch.num_tokens, batch.num_attended_keys, int(batch.lp_rows_N.numel()), train)
@@ -104,6 +118,8 @@ def train(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     device, world = dist_info.device, dist_info.world_size
     out_dir = prepare_output_dir(cfg, dist_info.is_main)
+    ckpt_root = out_dir / "checkpoints"
+    resume_from = _resume_source(cfg, ckpt_root)
     if dist_info.is_main:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
@@ -120,104 +136,200 @@ def train(cfg: RunConfig) -> dict:
     n_shared = sum(len(g.continuations) > 2 for g in train_groups)
     log.info("%d pairs in %d prompt groups (%d with >2 continuations); %d optimizer steps of %d pairs",
              len(train_data), len(train_groups), n_shared, len(plans), cfg.train.global_batch_pairs)
+    model_fp = model_fingerprint(cfg.model.path)
+    info = checkpointing.run_info(cfg.to_dict(), model_fp, tokenized_fingerprint(train_data), world)
 
-    # ---- models
+    # ---- model, optimizer (built before any forward: it must hold the sharded DTensor parameters)
     model = build_sharded_model(cfg, dist_info, backend, trainable=True)
     flop_model = FlopModel.of(model)
-    # Built before any forward: the optimizer must hold the sharded (DTensor) parameters.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
         weight_decay=cfg.train.weight_decay,
     )
-    # Fixed held-out and train subsets for before/after evaluation (same pairs every time).
-    eval_sets = {"train_subset": groups_of(train_data, 256)}
-    if eval_data is not None:
-        eval_sets["eval"] = groups_of(eval_data)
-    eval_plans = {name: plan_inference(gs, world, budget) for name, gs in eval_sets.items()}
-
-    refs = build_references(cfg, dist_info, backend, model, train_data, eval_data, eval_sets)
-    reference, eval_refs = refs.train, refs.by_eval_set
-
     total_steps = len(plans)
     warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio)
     )
 
-    logger = MetricsLogger(out_dir / "metrics.jsonl", cfg.train.tensorboard) if dist_info.is_main else None
+    # ---- references (from the initial weights, before any checkpoint is loaded) and evaluation sets
+    eval_sets = {"train_subset": groups_of(train_data, 256)}  # the same pairs every time
+    if eval_data is not None:
+        eval_sets["eval"] = groups_of(eval_data)
+    eval_plans = {name: plan_inference(gs, world, budget) for name, gs in eval_sets.items()}
+    refs = build_references(cfg, dist_info, backend, model, train_data, eval_data, eval_sets, model_fp)
+    if cfg.loss.reference == "precompute" and resume_from is not None and not refs.all_cached:
+        log.warning("the reference log-prob cache was missing on resume; it was recomputed from model.path")
+
+    state = {"step": 0, "consecutive_skips": 0, "skipped_steps": [], "before": None}
+    if resume_from is not None:
+        state = checkpointing.load(resume_from, model, optimizer, info, dist_info)
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("resumed from %s at step %d/%d", resume_from, state["step"], total_steps)
+    logger = None
+    if dist_info.is_main:
+        truncate_metrics(out_dir / "metrics.jsonl", state["step"])
+        logger = MetricsLogger(out_dir / "metrics.jsonl", cfg.train.tensorboard)
 
     def run_evals(step: int) -> dict[str, dict]:
         results = {}
         for name, mbs in eval_plans.items():
-            results[name] = evaluate(model, eval_refs[name], mbs[dist_info.rank], device, cfg, world, flop_model)
+            results[name] = evaluate(model, refs.by_eval_set[name], mbs[dist_info.rank], device, cfg, world,
+                                     flop_model)
             if logger:
-                logger.write({"split": "eval" if name == "eval" else "eval_train_subset", "step": step, **results[name]})
+                logger.write({"split": "eval" if name == "eval" else "eval_train_subset", "step": step,
+                              **results[name]})
         return results
 
-    before = run_evals(0)
-    bar = ProgressBar(total_steps, cfg.train.progress_bar and dist_info.is_main)
-    peak = H100_BF16_TFLOPS * 1e12 if device.type == "cuda" else None
-    model.train()
-    t_last = time.perf_counter()
-    tokens_since = flops_since = pairs_since = 0.0
-    history = []
-    for plan in plans:
-        my_batches = plan.micro_batches[dist_info.rank]
-        step_sums = torch.zeros(len(MetricSums.FIELDS), device=device)
-        for i, groups in enumerate(my_batches):
-            # Reduce-scatter gradients only after the last micro-batch of the step.
-            model.set_requires_gradient_sync(i == len(my_batches) - 1)
-            sums, tokens, flops = run_micro_batch(model, reference, groups, device, cfg, world, flop_model, True)
-            step_sums += sums
-            tokens_since += tokens
-            flops_since += flops
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pairs_since += plan.num_pairs
-        step = plan.step + 1
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            stats = torch.cat([step_sums, torch.tensor([tokens_since, flops_since], device=device)])
-            fdist.all_reduce_sum(stats)
-            metrics = MetricSums.report(stats[:-2].cpu())
-            elapsed = time.perf_counter() - t_last
-            row = {
-                "split": "train", "step": step, "epoch": round(plan.epoch, 4), **metrics,
-                "grad_norm": float(grad_norm), "lr": lr,
-                "tokens_per_s": float(stats[-2]) / elapsed, "pairs_per_s": pairs_since / elapsed,
-                "mfu": float(stats[-1]) / elapsed / (peak * world) if peak else None,
-                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            }
-            history.append(row)
-            if logger:
-                logger.write(row)
-            bar.update(step, f"loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
-                             f"margin {row['rewards/margins']:.3f} {row['tokens_per_s']:.0f} tok/s")
-            t_last = time.perf_counter()
-            tokens_since = flops_since = pairs_since = 0.0
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-            t_eval = time.perf_counter()
-            run_evals(step)
-            t_last += time.perf_counter() - t_eval  # throughput counts training time only
+    if state["before"] is None:
+        state["before"] = run_evals(0)
+
+    loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, params, refs.train, flop_model, logger,
+                     Faults.from_env())
+
+    def checkpoint(step: int) -> None:
+        state.update(step=step, scheduler=scheduler.state_dict(), consecutive_skips=loop.consecutive_skips,
+                     skipped_steps=loop.skipped_steps)
+        checkpointing.save(ckpt_root, step, model, optimizer, state, info, cfg.train.keep_checkpoints, dist_info)
+
+    loop.consecutive_skips, loop.skipped_steps = state["consecutive_skips"], list(state["skipped_steps"])
+    loop.run(plans[state["step"]:], total_steps, run_evals, checkpoint)
 
     after = run_evals(total_steps)
-    summary = {"steps": total_steps, "first_step": history[0] if history else None,
-               "last_step": history[-1] if history else None, "before": before, "after": after}
+    summary = {"steps": total_steps, "skipped_steps": loop.skipped_steps, "before": state["before"], "after": after,
+               "last_step": loop.last_row}
     if cfg.train.save_final:
         save_final_checkpoint(model, cfg, out_dir / "final", dist_info)
     if dist_info.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("\n%s", format_before_after(before, after))
-        if logger:
-            logger.close()
+        log.info("\n%s", format_before_after(state["before"], after))
+        logger.close()
         if cfg.train.plot and plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"):
             log.info("curves: %s", out_dir / "curves.png")
     return summary
+
+
+def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
+    if cfg.train.resume == "":
+        return None
+    if cfg.train.resume == "auto":
+        latest = checkpointing.find_latest(ckpt_root)
+        if latest is None:
+            log.info("train.resume=auto: no complete checkpoint in %s; starting from the beginning", ckpt_root)
+        return latest
+    return Path(cfg.train.resume)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they will be logged again); atomic rewrite."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in rows if json.loads(line).get("step", 0) <= step and step > 0]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class TrainLoop:
+    """Optimizer steps over a list of StepPlans; one small all-reduce and one host sync per step."""
+
+    def __init__(self, cfg, dist_info, model, optimizer, scheduler, params, reference, flop_model, logger, faults):
+        self.cfg, self.dist, self.model, self.optimizer, self.scheduler = cfg, dist_info, model, optimizer, scheduler
+        self.params, self.reference, self.flop_model, self.logger, self.faults = (
+            params, reference, flop_model, logger, faults)
+        self.consecutive_skips = 0
+        self.skipped_steps: list[int] = []
+        self.last_row: dict | None = None
+
+    def run(self, plans, total_steps, run_evals, checkpoint) -> None:
+        cfg, device, rank = self.cfg, self.dist.device, self.dist.rank
+        n_fields = len(MetricSums.FIELDS)
+        bar = ProgressBar(total_steps, cfg.train.progress_bar and self.dist.is_main)
+        peak = H100_BF16_TFLOPS * 1e12 if device.type == "cuda" else None
+        self.model.train()
+        t_last = t_ckpt = time.perf_counter()
+        interval = np.zeros(n_fields + 2)  # metric sums, tokens, flops since the last log row
+        pairs_since = 0
+        for plan in plans:
+            step = plan.step + 1
+            my_batches = plan.micro_batches[rank]
+            step_sums = torch.zeros(n_fields, device=device)
+            tokens = flops = 0.0
+            for i, groups in enumerate(my_batches):
+                # Reduce-scatter gradients only after the last micro-batch of the step.
+                self.model.set_requires_gradient_sync(i == len(my_batches) - 1)
+                sums, n_tok, n_flops = run_micro_batch(
+                    self.model, self.reference, groups, device, cfg, self.dist.world_size, self.flop_model, True,
+                    loss_scale=self.faults.loss_scale(step, rank, i))
+                step_sums += sums
+                tokens += n_tok
+                flops += n_flops
+                self.faults.maybe_kill(step, rank)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            due = cfg.train.checkpoint_minutes > 0 and time.perf_counter() - t_ckpt >= 60 * cfg.train.checkpoint_minutes
+            stats = torch.cat([step_sums, torch.tensor([tokens, flops, float(due)], device=device)])
+            # The step's one host sync: every rank learns the same loss, grad norm and checkpoint vote.
+            values = fdist.all_reduce_sum(stats).tolist()
+            norm = float(grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            if math.isfinite(norm) and math.isfinite(values[1]):
+                self.optimizer.step()
+                self.consecutive_skips = 0
+            else:
+                self._skip(step, plan, norm, values[1])
+            self.scheduler.step()  # the LR schedule follows the data position, skipped steps included
+            self.optimizer.zero_grad(set_to_none=True)
+            if math.isfinite(values[1]):
+                interval += np.asarray(values[:-1])
+            pairs_since += plan.num_pairs
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t_last
+                row = {
+                    "split": "train", "step": step, "epoch": round(plan.epoch, 4),
+                    **MetricSums.report(torch.tensor(interval[:n_fields])),
+                    "grad_norm": norm, "lr": lr,
+                    "tokens_per_s": interval[n_fields] / elapsed, "pairs_per_s": pairs_since / elapsed,
+                    "mfu": interval[n_fields + 1] / elapsed / (peak * self.dist.world_size) if peak else None,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                }
+                self.last_row = row
+                if self.logger:
+                    self.logger.write(row)
+                bar.update(step, f"loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
+                                 f"margin {row['rewards/margins']:.3f} {row['tokens_per_s']:.0f} tok/s")
+                interval[:] = 0
+                pairs_since = 0
+                t_last = time.perf_counter()
+            t_pause = time.perf_counter()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
+                run_evals(step)
+            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or values[-1] > 0:
+                if step != total_steps:
+                    checkpoint(step)
+                t_ckpt = time.perf_counter()
+            t_last += time.perf_counter() - t_pause  # throughput counts training time only
+
+    def _skip(self, step: int, plan, norm: float, loss_sum: float) -> None:
+        self.consecutive_skips += 1
+        self.skipped_steps.append(step)
+        record_ids = [pr.record_id for per_rank in plan.micro_batches for mb in per_rank for g in mb for pr in g.pairs]
+        log.warning("step %d skipped (weights and optimizer state unchanged): non-finite %s; its %d pairs: %s",
+                    step, "loss" if not math.isfinite(loss_sum) else "gradient norm", len(record_ids),
+                    ", ".join(record_ids[:32]) + (" ..." if len(record_ids) > 32 else ""))
+        if self.logger:
+            self.logger.write({"split": "skipped", "step": step, "grad_norm": norm, "loss_sum": loss_sum,
+                               "record_ids": record_ids})
+        if self.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+            raise TrainingStopped(
+                f"stopping: {self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
+                f"(steps {self.skipped_steps[-self.consecutive_skips:]}; their record ids are in metrics.jsonl "
+                f"rows with split=skipped). Check those records and the learning rate "
+                f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips})."
+            )
 
 
 def format_before_after(before: dict, after: dict) -> str:
@@ -229,7 +341,10 @@ def format_before_after(before: dict, after: dict) -> str:
 
 
 def save_final_checkpoint(model, cfg: RunConfig, out: Path, dist_info: fdist.DistInfo) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     from fasttrain.model.checkpoint import save_hf_checkpoint
 

@@ -117,7 +117,8 @@ def records_from_rows(
 
 def _read_text(path: Path, source: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        # utf-8-sig: a leading byte-order mark (as Windows tools write) is dropped, not a JSON error.
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"{source}: not valid UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
@@ -137,7 +138,17 @@ def _read_jsonl(path: Path, source: str) -> list[tuple[RowLocation, Any]]:
         except json.JSONDecodeError as error:
             # A broken line means the file is damaged, so it is fatal even with skip_bad_rows.
             raise DataError(f"{location.describe()}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except (ValueError, RecursionError) as error:  # e.g. a 5000-digit number, arrays nested 10^5 deep
+            raise DataError(f"{location.describe()}: cannot parse the JSON ({_parse_problem(error)})") from None
+    if not rows:
+        raise DataError(f"{source}: no usable records (the file is empty or has only blank lines)")
     return rows
+
+
+def _parse_problem(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error)
 
 
 def _read_json(path: Path, source: str) -> list[tuple[RowLocation, Any]]:
@@ -147,6 +158,8 @@ def _read_json(path: Path, source: str) -> list[tuple[RowLocation, Any]]:
         raise DataError(
             f"{source}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
         ) from None
+    except (ValueError, RecursionError) as error:  # e.g. a 5000-digit number, arrays nested 10^5 deep
+        raise DataError(f"{source}: cannot parse the JSON ({_parse_problem(error)})") from None
     if isinstance(document, dict) and "data" in document:
         document = document["data"]
     if not isinstance(document, list):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fasttrain.data.errors import DataError
+from fasttrain.errors import UserError
 from fasttrain.data.records import RecordSet, StepRecord, load_records
 from fasttrain.data.templates import render_prompt
 
@@ -135,6 +136,7 @@ def tokenize_records(
         records = records.records
     if not records:
         raise DataError("no records to tokenize")
+    _check_tokenizer(tokenizer)
 
     prompt_texts = [render_prompt(template, r.prompt, r.initial_reason_steps, tokenizer) for r in records]
     # Many rows share a prompt (several steps of one problem, several continuations): tokenize each once.
@@ -177,6 +179,22 @@ def tokenize_records(
                         f"first: {stats.skipped[0][1]})")
     stats.num_records = len(record_ids)
     return TokenizedPairs(prompts, chosens, rejecteds, record_ids, stats)
+
+
+def _check_tokenizer(tokenizer) -> None:
+    """Refuse a tokenizer that turns ordinary text into nothing. transformers builds one without an
+    error from a directory that has tokenizer_config.json but lost tokenizer.json (a vocabulary of only
+    the special tokens); every step would then be "empty after tokenization", blaming the data."""
+    if not _encode(tokenizer, [_TOKENIZER_PROBE])[0]:
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        raise UserError(
+            f"tokenizer {name}: it turns ordinary text ({_TOKENIZER_PROBE!r}) into no tokens (vocabulary of "
+            f"{len(tokenizer)} tokens); its files look incomplete: is tokenizer.json (or vocab.json + "
+            "merges.txt) missing?"
+        )
+
+
+_TOKENIZER_PROBE = "Step 1: The answer is 42."
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:

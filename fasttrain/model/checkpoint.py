@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fasttrain.model.config import ARCHITECTURES, ModelConfig
@@ -60,12 +60,31 @@ def resolve_model_source(path: str | os.PathLike) -> Path:
 
 def _read_index(index_path: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{index_path}: expected a JSON object with a 'weight_map' ({e!r})") from e
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to file names")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{index_path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{index_path}: cannot parse the JSON ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise OSError(f"{index_path}: cannot read the file ({e.strerror or e})") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()
+    ):
+        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to file names (strings)")
     return weight_map
+
+
+def _open_safetensors(path: Path):
+    """safe_open, with the file named in the error: safetensors' own messages ("Error while
+    deserializing header: header too large") do not say which file is damaged."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupt? {e})") from None
+    except OSError as e:
+        raise OSError(f"{path}: cannot read the file ({e.strerror or e})") from None
 
 
 def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
@@ -73,7 +92,7 @@ def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     d = resolve_model_source(model_dir)
     if (d / INDEX_FILE).is_file():
         return {name: d / shard for name, shard in _read_index(d / INDEX_FILE).items()}
-    with safe_open(str(d / SINGLE_FILE), framework="pt") as f:
+    with _open_safetensors(d / SINGLE_FILE) as f:
         return {name: d / SINGLE_FILE for name in f.keys()}
 
 
@@ -163,10 +182,13 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> Non
     for n in params:
         by_file[files[n]].append(n)
     for path, names in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             for n in names:
                 param = params[n]
-                sl = f.get_slice(n)
+                try:
+                    sl = f.get_slice(n)
+                except SafetensorError as e:  # the index lists a tensor that its shard lacks
+                    raise KeyError(f"{path}: tensor {n!r} not found in this file ({e})") from None
                 found = tuple(sl.get_shape())
                 if found != tuple(param.shape):
                     raise ValueError(

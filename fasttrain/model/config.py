@@ -35,6 +35,8 @@ ARCHITECTURES = {
 DEFAULT_ROPE_THETA = 10000.0
 
 _MISSING = object()
+_POSITIVE_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,15 @@ class ModelConfig:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: not found; a model directory needs an HF config.json")
         try:
-            d = json.loads(cfg_path.read_text())
+            d = json.loads(cfg_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting 10^5 deep
+            raise ValueError(f"{cfg_path}: cannot parse the JSON ({type(e).__name__}: {e})") from None
+        except OSError as e:
+            raise OSError(f"{cfg_path}: cannot read the file ({e.strerror or e})") from None
         return cls.from_hf_dict(d, str(cfg_path))
 
     @classmethod
@@ -91,6 +99,12 @@ class ModelConfig:
             raise ValueError(
                 f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        # Sizes must be positive: a 0 or negative one would end in a ZeroDivisionError here or a
+        # shape error deep inside torch when the model is built.
+        for key in _POSITIVE_INT_KEYS:
+            value = d.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+                raise ValueError(f"{source}: key {key!r} must be a positive integer, found {value!r}")
         hidden = _get(d, "hidden_size", int, source)
         heads = _get(d, "num_attention_heads", int, source)
         kv_heads = _get(d, "num_key_value_heads", int, source, default=None)
