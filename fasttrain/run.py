@@ -41,16 +41,19 @@ def main(argv=None) -> int:
     if not config_path:
         print("fasttrain: pass --config FILE (or --demo for the embedded example)", file=sys.stderr)
         return 2
+    from fasttrain.distributed import barrier, cleanup
+
     try:
         cfg = load_config(config_path, args.overrides)
         train(cfg)
+        # Leave together: a rank tearing down gloo while another still finishes its files has been seen
+        # to abort ("terminate called without an active exception") at exit.
+        barrier()
     except (ConfigError, DataError, UserError) as e:
         rank = os.environ.get("RANK", "0")
         print(f"fasttrain: error: {e}" if rank == "0" else f"fasttrain (rank {rank}): error: {e}", file=sys.stderr)
         return 2
     finally:
-        from fasttrain.distributed import cleanup
-
         cleanup()
     return 0
 

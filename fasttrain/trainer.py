@@ -286,7 +286,8 @@ class TrainLoop:
             if math.isfinite(values[1]):
                 interval += np.asarray(values[:-1])
             pairs_since += plan.num_pairs
-            if step % cfg.train.log_every == 0 or step == total_steps:
+            # A log point whose interval holds only skipped steps has nothing to report (the skip has its row).
+            if (step % cfg.train.log_every == 0 or step == total_steps) and interval[0] > 0:
                 elapsed = time.perf_counter() - t_last
                 row = {
                     "split": "train", "step": step, "epoch": round(plan.epoch, 4),

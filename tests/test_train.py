@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,19 @@ RUN = REPO / "fasttrain" / "run.py"
 DEMO = REPO / "fasttrain" / "demo"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_fasttrain(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = 600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(RUN), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(29500 + os.getpid() % 1000), str(RUN), *args]
+               "--master-port", str(free_port()), str(RUN), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 

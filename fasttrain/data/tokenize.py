@@ -335,14 +335,21 @@ def prepare_dataset(path, tokenizer, template: str, max_length: int, max_prompt_
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # damaged or from another format version: rebuild and overwrite it
     pairs = build()
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename: os.replace is atomic, so a crash never leaves half a file
-    # under the real name, and concurrent ranks each write their own temp file.
-    handle, temp_name = tempfile.mkstemp(dir=cache_path.parent, prefix=f".{fingerprint}.", suffix=".tmp")
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename: os.replace is atomic, so a crash never leaves half a file
+        # under the real name, and concurrent ranks each write their own temp file.
+        handle, temp_name = tempfile.mkstemp(dir=cache_path.parent, prefix=f".{fingerprint}.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"data.cache_dir {cache_dir}: cannot create the tokenized-data cache there "
+                        f"({error.strerror or error}); choose another data.cache_dir") from None
     os.close(handle)
     try:
         pairs.save(temp_name)
         os.replace(temp_name, cache_path)
+    except OSError as error:
+        raise UserError(f"data.cache_dir {cache_dir}: cannot write {cache_path.name} "
+                        f"({error.strerror or error})") from None
     finally:
         if os.path.exists(temp_name):
             os.remove(temp_name)

@@ -193,6 +193,7 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> Non
                 if found != tuple(param.shape):
                     raise ValueError(
                         f"{path}: tensor {n!r} has shape {found}, the model expects {tuple(param.shape)}"
+                        f"{_per_config(model)}"
                     )
                 local, start, end = local_shard(param, n)
                 if end > start:
@@ -200,6 +201,11 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> Non
     reset = getattr(model, "reset_buffers", None)
     if callable(reset):
         reset()
+
+
+def _per_config(model: torch.nn.Module) -> str:
+    source = getattr(getattr(model, "config", None), "source", None)
+    return f" per {source}; do the weights and config.json belong together?" if source else ""
 
 
 def _is_tied(model: torch.nn.Module) -> bool:
