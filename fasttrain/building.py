@@ -56,7 +56,8 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many types here; the user needs the path and cause
-        raise UserError(f"cannot load a tokenizer from {path}: {e}") from None
+        first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"cannot load a tokenizer from {path}: {first_line}") from None
 
 
 def load_datasets(cfg: RunConfig, dist_info: fdist.DistInfo, tokenizer):
@@ -94,6 +95,18 @@ def tokenized_fingerprint(data) -> str:
 def groups_of(data, num_pairs: int | None = None) -> list[PromptGroup]:
     n = len(data.record_ids) if num_pairs is None else min(num_pairs, len(data.record_ids))
     return build_groups(data.prompts[:n], data.chosens[:n], data.rejecteds[:n], data.record_ids[:n], range(n))
+
+
+def check_model_source(path: str):
+    """The model directory's config, read and checked (files present, supported architecture)."""
+    from fasttrain.model.checkpoint import resolve_model_source
+    from fasttrain.model.config import ModelConfig
+
+    try:
+        resolve_model_source(path)
+        return ModelConfig.from_model_dir(path)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, trainable: bool):

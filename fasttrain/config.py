@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,17 @@ class RunConfig:
             raise ConfigError(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 0.5)")
         if t.lr <= 0 or not 0 <= t.warmup_ratio < 1:
             raise ConfigError("train.lr must be > 0 and train.warmup_ratio in [0, 1)")
+        for key, ok, expected in (
+            ("log_every", t.log_every >= 1, ">= 1"), ("eval_every", t.eval_every >= 0, ">= 0"),
+            ("checkpoint_every", t.checkpoint_every >= 0, ">= 0"), ("checkpoint_minutes", t.checkpoint_minutes >= 0, ">= 0"),
+            ("keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"), ("max_steps", t.max_steps >= 0, ">= 0"),
+            ("epochs", t.epochs >= 0, ">= 0"), ("weight_decay", t.weight_decay >= 0, ">= 0"),
+            ("adam_beta1", 0 <= t.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= t.adam_beta2 < 1, "in [0, 1)"),
+            ("adam_eps", t.adam_eps > 0, "> 0"), ("max_grad_norm", t.max_grad_norm > 0, "> 0"),
+            ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ):
+            if not ok:
+                raise ConfigError(f"train.{key}={getattr(t, key)!r}: expected {expected}")
         if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
             raise ConfigError(f"train.resume={t.resume!r}: expected '', 'auto' or an existing checkpoint directory")
         if t.max_consecutive_skips < 1:
@@ -150,14 +162,24 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 if text.lower() in ("false", "0", "no", "off"):
                     return False
                 raise ValueError
-            return target(float(text)) if target is int and "e" in text.lower() else target(text)
+            if target is int:
+                number = float(text)  # accepts 1e3; refuses 1.5, 1e-3 (not whole), inf, nan
+                if not math.isfinite(number) or not number.is_integer():
+                    raise ValueError
+                return int(number)
+            number = target(text)
+            if target is float and not math.isfinite(number):
+                raise ValueError
+            return number
         except ValueError:
-            raise ConfigError(f"{where}={value!r}: expected {target.__name__}") from None
+            raise ConfigError(f"{where}={value!r}: expected a finite {target.__name__}") from None
     if target is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}={value!r}: expected true/false")
         return value
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{where}={value!r}: expected a finite float")
         return float(value)
     if target is int and isinstance(value, int) and not isinstance(value, bool):
         return value

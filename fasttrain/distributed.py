@@ -37,7 +37,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                world_size=world, timeout=timeout)
     else:
         rank, world, local = 0, 1, 0
         if torch.cuda.is_available():
@@ -51,6 +53,19 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, world, local, device)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys scoped to this torchrun attempt.
+
+    After a torchrun restart (--max-restarts) the workers of the new attempt rendezvous again through
+    the same agent store; we saw a restarted gloo worker read its peer's address from the previous
+    attempt and fail with "connection refused". A prefix per attempt keeps the attempts apart.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world, is_master=(rank == 0 and not agent_hosts_store), timeout=timeout)
+    return dist.PrefixStore(f"fasttrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shard_model(

@@ -23,6 +23,7 @@ from fasttrain import distributed as fdist
 from fasttrain.attention import resolve_backend
 from fasttrain.building import (
     build_references,
+    check_model_source,
     build_sharded_model,
     groups_of,
     load_datasets,
@@ -127,12 +128,19 @@ def train(cfg: RunConfig) -> dict:
     log.info("world size %d on %s; attention backend %s; compute %s, fp32 master weights + AdamW state",
              world, device, backend, cfg.model.compute_dtype)
 
+    model_cfg = check_model_source(cfg.model.path)  # fail fast, before tokenizing anything
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.path}) has {len(tokenizer)} tokens but the "
+                        f"model's vocab_size is {model_cfg.vocab_size}: they do not belong together")
     train_data, eval_data = load_datasets(cfg, dist_info, tokenizer)
     train_groups = groups_of(train_data)
     budget = cfg.train.tokens_per_micro_batch
-    plans = plan_steps(train_groups, cfg.train.global_batch_pairs, world, budget, cfg.train.seed,
-                       cfg.train.epochs, cfg.train.max_steps)
+    try:
+        plans = plan_steps(train_groups, cfg.train.global_batch_pairs, world, budget, cfg.train.seed,
+                           cfg.train.epochs, cfg.train.max_steps)
+    except ValueError as e:
+        raise UserError(f"{cfg.data.train}: {e}") from None
     n_shared = sum(len(g.continuations) > 2 for g in train_groups)
     log.info("%d pairs in %d prompt groups (%d with >2 continuations); %d optimizer steps of %d pairs",
              len(train_data), len(train_groups), n_shared, len(plans), cfg.train.global_batch_pairs)

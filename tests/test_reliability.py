@@ -161,3 +161,15 @@ def test_consecutive_nan_steps_stop_the_run(tmp_path):
     assert result.returncode == 2
     assert "2 consecutive steps" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "stop" / "final").exists()
+
+
+def test_torchrun_max_restarts_brings_a_killed_run_back_by_itself(tmp_path):
+    clean = launch(args_for(tmp_path, "clean", extra=["train.max_steps=6"]), nproc=2)
+    ok(clean)
+    auto = launch(args_for(tmp_path, "auto", extra=["train.max_steps=6", "train.resume=auto"]), nproc=2,
+                  max_restarts=1, env_extra={"FASTTRAIN_FAULT": "kill:rank=1:step=5"})
+    ok(auto)
+    assert "resumed from" in auto.stderr and "step-00000004" in auto.stderr
+    a, b = train_rows(tmp_path / "clean"), train_rows(tmp_path / "auto")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
