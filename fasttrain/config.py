@@ -75,6 +75,7 @@ class TrainSection:
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: off)
     checkpoint_minutes: float = 0.0  # ... and/or every so many minutes (0: off)
     keep_checkpoints: int = 2  # the newest K resumable checkpoints are kept
+    export_every: int = 0  # also export an HF checkpoint to output_dir/exports/step-N every N steps (0: off)
     max_consecutive_skips: int = 3  # non-finite loss/grad-norm steps in a row before the run stops
     tensorboard: bool = True  # used when tensorboard is installed
     plot: bool = True  # PNG of the curves when matplotlib is installed
@@ -129,7 +130,7 @@ class RunConfig:
             raise ConfigError("train.lr must be > 0 and train.warmup_ratio in [0, 1)")
         for key, ok, expected in (
             ("log_every", t.log_every >= 1, ">= 1"), ("eval_every", t.eval_every >= 0, ">= 0"),
-            ("checkpoint_every", t.checkpoint_every >= 0, ">= 0"), ("checkpoint_minutes", t.checkpoint_minutes >= 0, ">= 0"),
+            ("checkpoint_every", t.checkpoint_every >= 0, ">= 0"), ("export_every", t.export_every >= 0, ">= 0"), ("checkpoint_minutes", t.checkpoint_minutes >= 0, ">= 0"),
             ("keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"), ("max_steps", t.max_steps >= 0, ">= 0"),
             ("epochs", t.epochs >= 0, ">= 0"), ("weight_decay", t.weight_decay >= 0, ">= 0"),
             ("adam_beta1", 0 <= t.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= t.adam_beta2 < 1, "in [0, 1)"),

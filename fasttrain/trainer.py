@@ -202,7 +202,10 @@ def train(cfg: RunConfig) -> dict:
         checkpointing.save(ckpt_root, step, model, optimizer, state, info, cfg.train.keep_checkpoints, dist_info)
 
     loop.consecutive_skips, loop.skipped_steps = state["consecutive_skips"], list(state["skipped_steps"])
-    loop.run(plans[state["step"]:], total_steps, run_evals, checkpoint)
+    def export(step: int) -> None:
+        save_final_checkpoint(model, cfg, out_dir / "exports" / f"step-{step:08d}", dist_info)
+
+    loop.run(plans[state["step"]:], total_steps, run_evals, checkpoint, export)
 
     after = run_evals(total_steps)
     summary = {"steps": total_steps, "skipped_steps": loop.skipped_steps, "before": state["before"], "after": after,
@@ -251,7 +254,7 @@ class TrainLoop:
         self.skipped_steps: list[int] = []
         self.last_row: dict | None = None
 
-    def run(self, plans, total_steps, run_evals, checkpoint) -> None:
+    def run(self, plans, total_steps, run_evals, checkpoint, export) -> None:
         cfg, device, rank = self.cfg, self.dist.device, self.dist.rank
         n_fields = len(MetricSums.FIELDS)
         bar = ProgressBar(total_steps, cfg.train.progress_bar and self.dist.is_main)
@@ -320,6 +323,8 @@ class TrainLoop:
                 if step != total_steps:
                     checkpoint(step)
                 t_ckpt = time.perf_counter()
+            if cfg.train.export_every and step % cfg.train.export_every == 0 and step != total_steps:
+                export(step)
             t_last += time.perf_counter() - t_pause  # throughput counts training time only
 
     def _skip(self, step: int, plan, norm: float, loss_sum: float) -> None:

@@ -124,9 +124,11 @@ def test_resume_refuses_changed_geometry_and_data(tmp_path):
 
 def test_nan_step_is_skipped_and_reported(tmp_path):
     out = tmp_path / "nan"
-    result = launch(args_for(tmp_path, "nan", extra=["train.max_steps=3", "train.checkpoint_every=1"]),
+    result = launch(args_for(tmp_path, "nan", extra=["train.max_steps=3", "train.checkpoint_every=1",
+                                                     "train.export_every=2"]),
                     env_extra={"FASTTRAIN_FAULT": "nan:steps=2"})
     ok(result)
+    assert (out / "exports" / "step-00000002" / "model.safetensors").exists()  # periodic HF export
     assert "step 2 skipped" in result.stderr
     skipped = train_rows(out, "skipped")
     assert [r["step"] for r in skipped] == [2] and len(skipped[0]["record_ids"]) == 6
