@@ -23,7 +23,7 @@ class ModelSection:
     path: str = ""  # HF model directory (config.json + safetensors + tokenizer files)
     tokenizer: str = ""  # defaults to model.path
     attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | reference
-    lm_head_impl: str = "torch"  # torch (Triton fused head is its own issue)
+    lm_head_impl: str = "torch"  # torch (reference) | triton (fused kernel; not yet validated on a GPU)
     activation_checkpointing: bool = True
     compute_dtype: str = "bfloat16"  # bfloat16 | float32 (master weights + AdamW state are always fp32)
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state live in host memory
@@ -94,7 +94,7 @@ class RunConfig:
     def validate(self) -> None:
         choices = {
             ("model", "attention_backend"): ("auto", "flash_attn", "torch_varlen", "reference"),
-            ("model", "lm_head_impl"): ("torch",),
+            ("model", "lm_head_impl"): ("torch", "triton"),
             ("model", "compute_dtype"): ("bfloat16", "float32"),
             ("train", "save_dtype"): ("bfloat16", "float32"),
             ("data", "template"): ("qwen2-boxed", "alpaca", "deepseek-math", "chat"),

@@ -19,9 +19,10 @@ from fasttrain.attention import BACKENDS, varlen_attention
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.rope import apply_rope, inv_freq, rope_cos_sin
 from fasttrain.packing import AttentionMeta, PackedBatch
+from fasttrain_kernels.ops import lm_head_logprobs_triton
 from fasttrain_kernels.reference import lm_head_logprobs
 
-LM_HEAD_IMPLS = ("torch",)
+LM_HEAD_IMPLS = ("torch", "triton")
 
 
 class RMSNorm(nn.Module):
@@ -178,6 +179,8 @@ class CausalLM(nn.Module):
         h_RD = h_TD.index_select(0, batch.lp_rows_N)
         if self.lm_head_impl == "torch":
             return lm_head_logprobs(h_RD, self.lm_head.weight, batch.lp_targets_N)
+        if self.lm_head_impl == "triton":  # fused kernel (DESIGN §4); no [N, V] logits
+            return lm_head_logprobs_triton(h_RD, self.lm_head.weight, batch.lp_targets_N)
         raise ValueError(f"lm_head_impl {self.lm_head_impl!r}: expected one of {LM_HEAD_IMPLS}")
 
     def logits(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, attn: AttentionMeta) -> torch.Tensor:

@@ -1,0 +1,278 @@
+"""The Triton LM-head kernel (DESIGN §4) against a float64 ground truth.
+
+Without CUDA the small tests run the kernels under the Triton interpreter (TRITON_INTERPRET=1 is set below,
+before anything imports fasttrain_kernels.lm_head_triton; triton.jit reads it when it decorates the kernels),
+in float32 and float16 only: the interpreter's tl.dot on bfloat16 is broken. Shapes are tiny because the
+interpreter is slow. With CUDA the same small tests run compiled on the GPU, plus the `gpu` bf16 test.
+
+Tolerance rule (as DESIGN §7 for the model): the plain reference (fasttrain_kernels.reference) in the same dtype
+is compared with the same reference in float64; the kernel's error must be within 4x the reference's own error
+plus a tiny floor (a few ulps of the compared values' scale).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels (CPU runs need the interpreter)
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fasttrain_kernels import lm_head_triton as K  # noqa: E402
+from fasttrain_kernels.ops import lm_head_logprobs_op, lm_head_logprobs_triton  # noqa: E402
+from fasttrain_kernels.reference import lm_head_logprobs  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_DTYPES = [torch.float32, torch.float16]
+FACTOR = 4.0
+
+pytestmark = pytest.mark.skipif(DEV == "cpu" and not K.INTERPRETED,
+                                reason="lm_head_triton was imported without TRITON_INTERPRET=1 and there is no GPU")
+cpu_only = pytest.mark.skipif(DEV != "cpu", reason="CPU / interpreter behaviour")
+
+
+def _make(N, D, V, dtype, device=DEV, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=gen)
+    w = torch.randn(V, D, generator=gen) * (scale / D ** 0.5)  # logits ~ N(0, scale^2)
+    t = torch.randint(0, V, (N,), generator=gen)
+    g = torch.randn(N, generator=gen)
+    return h.to(device, dtype), w.to(device, dtype), t.to(device), g.to(device)
+
+
+def _reference_grads(h, w, t, g, dtype):
+    """logp, dh, dW of the plain reference in `dtype` (float64 -> the ground truth)."""
+    hh = h.detach().to(dtype).requires_grad_()
+    ww = w.detach().to(dtype).requires_grad_()
+    logp = lm_head_logprobs(hh, ww, t)
+    (logp * g.to(logp.dtype)).sum().backward()
+    return logp.detach(), hh.grad, ww.grad
+
+
+def _err(x, truth):
+    return (x.double() - truth).abs().max().item()
+
+
+def _assert_close(name, got, ref, truth, dtype):
+    ulp = torch.finfo(dtype).eps
+    floor = 4 * ulp * max(truth.abs().max().item(), 1e-3) if truth.numel() else 0.0
+    e_got, e_ref = _err(got, truth), _err(ref, truth)
+    assert e_got <= FACTOR * e_ref + floor, (
+        f"{name} ({dtype}): kernel error {e_got:.3g} > {FACTOR} x reference error {e_ref:.3g} + {floor:.3g}")
+
+
+def _check_all(h, w, t, g, dtype, blocks=None):
+    """Kernel logp / dh / dW (through the autograd op, or the raw launchers with `blocks`) vs float64."""
+    if blocks is None:
+        hh = h.detach().clone().requires_grad_()
+        ww = w.detach().clone().requires_grad_()
+        logp = lm_head_logprobs_triton(hh, ww, t)
+        (logp * g).sum().backward()
+        got = (logp.detach(), hh.grad, ww.grad)
+    else:
+        logp, lse = K.lm_head_fwd(h, w, t, blocks=blocks)
+        dh, dw = K.lm_head_bwd(g.float(), torch.zeros_like(lse), h, w, t, lse, blocks=blocks)
+        got = (logp, dh, dw)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    truth = _reference_grads(h, w, t, g, torch.float64)
+    ref = _reference_grads(h, w, t, g, dtype)
+    for name, a, r, tr in zip(("logp", "dh", "dW"), got, ref, truth):
+        assert a.shape == tr.shape and torch.isfinite(a).all(), name
+        _assert_close(name, a, r, tr, dtype)
+    return got, truth
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_odd_shapes_explicit_blocks(dtype):
+    N, D, V = 37, 48, 203
+    h, w, t, g = _make(N, D, V, dtype)
+    t[0], t[1] = 0, V - 1
+    _check_all(h, w, t, g, dtype, blocks=dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_odd_shapes_through_op(dtype):
+    h, w, t, g = _make(21, 40, 77, dtype, seed=1)
+    _check_all(h, w, t, g, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_single_row_and_edge_targets(dtype):
+    V = 50
+    for target in (0, V - 1):
+        h, w, t, g = _make(1, 24, V, dtype, seed=2)
+        t[0] = target
+        _check_all(h, w, t, g, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_repeated_rows(dtype):
+    h, w, t, g = _make(5, 32, 61, dtype, seed=3)
+    h = h[torch.tensor([0, 1, 0, 2, 0, 1, 3, 0, 4, 0], device=DEV)].contiguous()  # same rows many times
+    t = t[torch.tensor([0, 1, 0, 2, 3, 1, 3, 0, 4, 0], device=DEV)].contiguous()  # same (row, target) pairs and not
+    g = torch.randn(10, generator=torch.Generator().manual_seed(4)).to(DEV)
+    (logp, _, _), _ = _check_all(h, w, t, g, dtype)
+    assert logp[0] == logp[2] == logp[7] == logp[9]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_zero_upstream_grad(dtype):
+    h, w, t, _ = _make(19, 40, 70, dtype, seed=5)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    (lm_head_logprobs_triton(hh, ww, t) * 0.0).sum().backward()
+    assert torch.equal(hh.grad, torch.zeros_like(h)) and torch.equal(ww.grad, torch.zeros_like(w))
+
+
+def test_lse_output_gradient():
+    """The op's second output (lse) is differentiable too: d lse / d logits = softmax."""
+    h, w, t, g = _make(9, 24, 45, torch.float32, seed=6)
+    g2 = torch.randn(9, generator=torch.Generator().manual_seed(7)).to(DEV)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp, lse = lm_head_logprobs_op(hh, ww, t)
+    (logp * g + lse * g2).sum().backward()
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    logits = h64 @ w64.t()
+    lse64 = torch.logsumexp(logits, -1)
+    lp64 = logits.gather(1, t[:, None]).squeeze(1) - lse64
+    (lp64 * g.double() + lse64 * g2.double()).sum().backward()
+    torch.testing.assert_close(lse.detach().double(), lse64.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hh.grad.double(), h64.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ww.grad.double(), w64.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_tied_embedding_accumulates(dtype):
+    """One weight used as the embedding and the head: its grad is the sum of both paths."""
+    V, D, T = 40, 32, 12
+    gen = torch.Generator().manual_seed(8)
+    w0 = (torch.randn(V, D, generator=gen) * 0.5).to(DEV, dtype)
+    ids = torch.randint(0, V, (T,), generator=gen).to(DEV)
+    rows = torch.tensor([0, 2, 3, 3, 7, 11], device=DEV)
+    tgt = torch.tensor([0, V - 1, 5, 5, 9, 1], device=DEV)
+    g = torch.randn(len(rows), generator=gen).to(DEV)
+
+    def run(head, w_dtype):
+        w = w0.to(w_dtype).clone().requires_grad_()
+        h = torch.nn.functional.embedding(ids, w) * 2.0 + 0.1
+        logp = head(h.index_select(0, rows), w, tgt)
+        (logp * g).sum().backward()
+        return logp.detach(), w.grad
+
+    logp, wg = run(lm_head_logprobs_triton, dtype)
+    logp_ref, wg_ref = run(lm_head_logprobs, dtype)
+    logp64, wg64 = run(lm_head_logprobs, torch.float64)
+    _assert_close("logp", logp, logp_ref, logp64, dtype)
+    _assert_close("dW (tied)", wg, wg_ref, wg64, dtype)
+    assert wg[ids].abs().sum() > 0  # the embedding path reached the shared weight
+
+
+def test_input_checks():
+    h, w, t, _ = _make(4, 16, 20, torch.float32)
+    with pytest.raises(ValueError, match="hidden size"):
+        lm_head_logprobs_triton(h, w[:, :8].contiguous(), t)
+    with pytest.raises(ValueError, match="targets for"):
+        lm_head_logprobs_triton(h, w, t[:3])
+    with pytest.raises(TypeError, match="share one dtype"):
+        lm_head_logprobs_triton(h, w.half(), t)
+    with pytest.raises(TypeError, match="int64 or int32"):
+        lm_head_logprobs_triton(h, w, t.float())
+    with pytest.raises(ValueError, match="contiguous"):
+        lm_head_logprobs_triton(h.t().contiguous().t(), w, t)
+
+
+@cpu_only
+def test_targets_out_of_range_cpu():
+    h, w, t, _ = _make(4, 16, 20, torch.float32)
+    with pytest.raises(IndexError, match="out of range"):
+        lm_head_logprobs_triton(h, w, torch.full_like(t, 20))
+
+
+@cpu_only
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    h, w, t, _ = _make(4, 16, 20, torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        lm_head_logprobs_triton(h, w, t)
+
+
+def test_empty_rows():
+    h, w, t, _ = _make(0, 16, 20, torch.float32)
+    assert lm_head_logprobs_triton(h, w, t).shape == (0,)
+
+
+def test_decoder_dispatch():
+    from fasttrain.model.decoder import LM_HEAD_IMPLS
+
+    assert "triton" in LM_HEAD_IMPLS
+
+
+def _truth_chunked(h, w, t, g, chunk=1024):
+    """float64 logp, dh, dW without a full [N, V] float64 buffer (closed-form gradient)."""
+    w64 = w.double()
+    dw = torch.zeros_like(w64)
+    logps, dhs = [], []
+    for i in range(0, h.shape[0], chunk):
+        h64 = h[i:i + chunk].double()
+        logits = h64 @ w64.t()
+        lse = torch.logsumexp(logits, -1)
+        tt = t[i:i + chunk]
+        logps.append(logits.gather(1, tt[:, None]).squeeze(1) - lse)
+        gg = g[i:i + chunk].double()
+        dl = -(logits - lse[:, None]).exp_().mul_(gg[:, None])
+        dl[torch.arange(len(tt), device=h.device), tt] += gg
+        dhs.append(dl @ w64)
+        dw += dl.t() @ h64
+        del logits, dl
+    return torch.cat(logps), torch.cat(dhs), dw
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_realistic():
+    N, D, V = 8192, 4096, 152064
+    dtype = torch.bfloat16
+    h, w, t, g = _make(N, D, V, dtype, device="cuda", seed=9)
+    t[0], t[1] = 0, V - 1
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp = lm_head_logprobs_triton(hh, ww, t)
+    (logp * g).sum().backward()
+    got = (logp.detach(), hh.grad, ww.grad)
+    del hh, ww
+    ref = _reference_grads(h, w, t, g, dtype)
+    torch.cuda.empty_cache()
+    truth = _truth_chunked(h, w, t, g)
+    for name, a, r, tr in zip(("logp", "dh", "dW"), got, ref, truth):
+        assert torch.isfinite(a).all(), name
+        _assert_close(name, a, r, tr, dtype)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_causal_lm_triton_head_matches_torch_head(tied):
+    """CausalLM.forward with lm_head_impl="triton" gives the torch head's logp and parameter gradients."""
+    import numpy as np
+
+    from fasttrain.model.config import ModelConfig
+    from fasttrain.model.decoder import build_model
+    from fasttrain.packing import build_groups, pack_groups
+
+    cfg = ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=tied, rope_theta=10000.0))
+    model = build_model(cfg, device=DEV)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    batch = pack_groups(build_groups([np.arange(9)], [np.arange(20, 26)], [np.arange(90, 95)], ["r"]))
+    batch = batch.to(DEV)
+    out = {}
+    for impl in ("torch", "triton"):
+        model.zero_grad()
+        model.lm_head_impl = impl
+        logp = model(batch)
+        logp.sum().backward()
+        out[impl] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=0, atol=1e-5)
+    for g_tri, g_ref in zip(out["triton"][1], out["torch"][1]):
+        torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-6)
