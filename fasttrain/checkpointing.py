@@ -85,7 +85,7 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
         problems.append("the tokenized training data differ (data file, tokenizer or template)")
     for section, keys in MUST_MATCH.items():
         for key in keys:
-            old, new = saved["config"][section][key], current["config"][section][key]
+            old, new = saved["config"].get(section, {}).get(key), current["config"][section][key]
             if old != new:
                 problems.append(f"{section}.{key} was {old!r}, now {new!r}")
     if problems:

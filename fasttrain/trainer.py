@@ -202,6 +202,7 @@ def train(cfg: RunConfig) -> dict:
         checkpointing.save(ckpt_root, step, model, optimizer, state, info, cfg.train.keep_checkpoints, dist_info)
 
     loop.consecutive_skips, loop.skipped_steps = state["consecutive_skips"], list(state["skipped_steps"])
+
     def export(step: int) -> None:
         save_final_checkpoint(model, cfg, out_dir / "exports" / f"step-{step:08d}", dist_info)
 
@@ -283,9 +284,9 @@ class TrainLoop:
                 grad_norm = grad_norm.full_tensor()
             due = cfg.train.checkpoint_minutes > 0 and time.perf_counter() - t_ckpt >= 60 * cfg.train.checkpoint_minutes
             stats = torch.cat([step_sums, torch.tensor([tokens, flops, float(due)], device=device)])
-            # The step's one host sync: every rank learns the same loss, grad norm and checkpoint vote.
-            values = fdist.all_reduce_sum(stats).tolist()
-            norm = float(grad_norm)
+            # The step's one host sync: every rank learns the same loss, grad norm (already global) and
+            # checkpoint vote.
+            *values, norm = torch.cat([fdist.all_reduce_sum(stats), grad_norm.reshape(1).to(stats)]).tolist()
             lr = self.scheduler.get_last_lr()[0]
             if math.isfinite(norm) and math.isfinite(values[1]):
                 self.optimizer.step()
