@@ -5,39 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import DEMO, run_fasttrain
 from safetensors.torch import load_file
 
 from fasttrain import checkpointing
 
-REPO = Path(__file__).resolve().parents[1]
-RUN = REPO / "fasttrain" / "run.py"
-DEMO = REPO / "fasttrain" / "demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(args, nproc=1, env_extra=None, max_restarts=0, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    env.pop("FASTTRAIN_FAULT", None) if not env_extra or "FASTTRAIN_FAULT" not in env_extra else None
-    if nproc == 1 and not max_restarts:
-        cmd = [sys.executable, str(RUN), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--max-restarts", str(max_restarts), "--master-port", str(free_port()),
-               str(RUN), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_fasttrain(args, nproc=nproc, env_extra=env_extra, max_restarts=max_restarts, timeout=timeout)
 
 
 def args_for(tmp_path: Path, out: str, n_records: int = 40, extra=()):

@@ -4,35 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import DEMO, run_fasttrain
 from safetensors.torch import load_file
-
-REPO = Path(__file__).resolve().parents[1]
-RUN = REPO / "fasttrain" / "run.py"
-DEMO = REPO / "fasttrain" / "demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_fasttrain(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = 600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(RUN), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), str(RUN), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 def small_train_file(tmp_path: Path, n: int) -> Path:
@@ -76,9 +53,9 @@ def test_two_ranks_equal_one_process_and_first_loss_is_ln2(tmp_path, pairs_per_s
 
     # Uneven micro-batches: with 10 pairs every rank runs 2 micro-batches of different token counts;
     # with 1 pair per step rank 1 runs only the dummy micro-batch.
+    from fasttrain.building import groups_of, load_tokenizer
     from fasttrain.data import prepare_dataset
     from fasttrain.schedule import plan_steps
-    from fasttrain.building import groups_of, load_tokenizer
 
     tok = load_tokenizer(str(DEMO / "model"))
     pairs = prepare_dataset(str(data), tok, "qwen2-boxed", 512, 384)
