@@ -1,0 +1,261 @@
+"""Text generation backends for evaluation and data generation.
+
+A :class:`Generator` turns a list of prompts (already templated text) into ``n`` completions each:
+
+    gen.generate(prompts, max_new_tokens=512, temperature=0.0, top_p=1.0, n=1, seed=0)
+        -> list[list[str]]     # one list of n completions per prompt, in input order
+
+Backends:
+
+* :class:`HFGenerator` -- ``transformers`` ``AutoModelForCausalLM.generate``: prompts sorted by
+  token length and batched (``batch_size``) with LEFT padding and an attention mask, KV cache,
+  greedy when ``temperature == 0`` else sampling with ``temperature`` / ``top_p``, stopping at EOS
+  (the tokenizer's and the generation config's EOS ids, plus ``<|im_end|>`` / ``<|eot_id|>`` when
+  they are single tokens of the vocabulary). The checkpoint's other generation defaults
+  (repetition penalty, top_k, ...) are not used: only the arguments given decide the decoding. bf16 on CUDA, fp32 on CPU. A tokenizer without a pad
+  token gets ``pad = eos`` in memory only (no file is touched). Sampling is seeded: the same prompts,
+  seed and batch size on the same machine give the same text.
+* :class:`VLLMGenerator` -- vLLM's offline ``LLM.generate``. **Untested here** (no vLLM / GPU in CI):
+  it is kept deliberately thin.
+
+:func:`make_generator` picks one: ``auto`` = vLLM when it is importable and CUDA is available, else HF.
+
+Both count generated tokens and generation wall time in ``gen.stats`` (for tokens/s reports).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["GenStats", "Generator", "HFGenerator", "VLLMGenerator", "make_generator", "vllm_available"]
+
+EXTRA_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def generate(self, prompts: list[str], max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0, n: int = 1, seed: int = 0) -> list[list[str]]:
+        ...
+
+
+@dataclass
+class GenStats:
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    sequences: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _check_args(max_new_tokens, temperature, top_p, n):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+
+
+class HFGenerator:
+    """Batched generation with ``transformers`` (see the module docstring)."""
+
+    def __init__(self, model_dir: str, batch_size: int = 32, device: str | None = None, dtype=None,
+                 progress: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = str(model_dir)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        self.progress = progress
+        self.stats = GenStats()
+        self.backend = "hf"
+
+        tok = AutoTokenizer.from_pretrained(self.model_dir)
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ValueError(f"{self.model_dir}: tokenizer has neither a pad nor an EOS token")
+            tok.pad_token = tok.eos_token  # in memory only
+        tok.padding_side = "left"
+        self.tokenizer = tok
+        import transformers
+
+        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, **{dtype_kw: dtype}).to(self.device)
+        self.model.eval()
+
+        stop: list[int] = []
+        gc_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for ids in (gc_eos, tok.eos_token_id):
+            if ids is None:
+                continue
+            stop.extend([ids] if isinstance(ids, int) else list(ids))
+        vocab = tok.get_vocab()
+        for t in EXTRA_STOP_TOKENS:
+            if t in vocab:
+                stop.append(vocab[t])
+        self.stop_ids = sorted(set(int(i) for i in stop))
+        if not self.stop_ids:
+            raise ValueError(f"{self.model_dir}: no EOS token id in the tokenizer or generation config")
+
+    def _generation_config(self, max_new_tokens, temperature, top_p):
+        """A fresh config: the checkpoint's own sampling defaults (repetition penalty, top_k, ...) are
+        deliberately NOT inherited, so results depend only on the arguments given here."""
+        from transformers import GenerationConfig
+
+        kw = dict(do_sample=False) if temperature == 0 else dict(
+            do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+        return GenerationConfig(max_new_tokens=int(max_new_tokens), eos_token_id=self.stop_ids,
+                                pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **kw)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0, n: int = 1, seed: int = 0) -> list[list[str]]:
+        import torch
+
+        _check_args(max_new_tokens, temperature, top_p, n)
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        reps = 1 if greedy else n  # greedy: one decode, copied n times
+        enc = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        # every (prompt, repeat) is one sequence; longest first so the first batch shows OOM early
+        jobs = sorted(((i, r) for i in range(len(prompts)) for r in range(reps)),
+                      key=lambda ir: (-len(enc[ir[0]]), ir[0], ir[1]))
+        out: list[list[str | None]] = [[None] * reps for _ in prompts]
+        pad = self.tokenizer.pad_token_id
+        batches = [jobs[s:s + self.batch_size] for s in range(0, len(jobs), self.batch_size)]
+        bar = _progress(len(jobs), "generate", self.progress)
+        t0 = time.perf_counter()
+        stop_set = set(self.stop_ids)
+        gcfg = self._generation_config(max_new_tokens, temperature, top_p)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for b, batch in enumerate(batches):
+                seqs = [enc[i] for i, _ in batch]
+                width = max(len(s) for s in seqs)
+                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for j, s in enumerate(seqs):
+                    if s:
+                        ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                        mask[j, width - len(s):] = 1
+                torch.manual_seed(int(seed) * 1_000_003 + b)
+                with torch.inference_mode():
+                    gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                              generation_config=gcfg)
+                new = gen[:, width:].tolist()
+                for (i, r), toks in zip(batch, new):
+                    cut = len(toks)
+                    for k, t in enumerate(toks):
+                        if t in stop_set:
+                            cut = k + 1
+                            break
+                    self.stats.generated_tokens += cut
+                    self.stats.sequences += 1
+                    out[i][r] = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
+                bar.update(len(batch))
+        self.stats.seconds += time.perf_counter() - t0
+        bar.close()
+        return [list(o) * n if greedy else list(o) for o in out]
+
+
+class VLLMGenerator:
+    """vLLM backend (untested in CI: needs a GPU and the ``vllm`` package)."""
+
+    def __init__(self, model_dir: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, **_):
+        if not vllm_available():
+            raise RuntimeError("backend 'vllm' requested but the vllm package is not installed "
+                               "(pip install vllm, or use --backend hf)")
+        from vllm import LLM
+
+        self.model_dir = str(model_dir)
+        self.backend = "vllm"
+        self.stats = GenStats()
+        kw = dict(model=self.model_dir, dtype="bfloat16", tensor_parallel_size=tensor_parallel_size,
+                  gpu_memory_utilization=gpu_memory_utilization)
+        if max_model_len:
+            kw["max_model_len"] = max_model_len
+        self.llm = LLM(**kw)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0, n: int = 1, seed: int = 0) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        _check_args(max_new_tokens, temperature, top_p, n)
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        sp = SamplingParams(n=1 if greedy else n, temperature=float(temperature),
+                            top_p=1.0 if greedy else float(top_p), max_tokens=int(max_new_tokens),
+                            seed=int(seed))
+        t0 = time.perf_counter()
+        res = self.llm.generate(list(prompts), sp)
+        self.stats.seconds += time.perf_counter() - t0
+        out = []
+        for r in res:
+            texts = [o.text for o in r.outputs]
+            self.stats.generated_tokens += sum(len(o.token_ids) for o in r.outputs)
+            self.stats.sequences += len(r.outputs)
+            out.append(texts * n if greedy else texts)
+        return out
+
+
+_LOGGED: set = set()
+
+
+def make_generator(model_dir: str, backend: str = "auto", batch_size: int = 32, progress: bool = False,
+                   **kw) -> Generator:
+    """``backend``: ``auto`` (vLLM if importable and CUDA available, else HF), ``hf`` or ``vllm``."""
+    if backend not in ("auto", "hf", "vllm"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto, hf or vllm")
+    if backend == "auto":
+        import torch
+
+        backend = "vllm" if (vllm_available() and torch.cuda.is_available()) else "hf"
+        why = "vllm importable and CUDA available" if backend == "vllm" else (
+            "vllm not installed" if not vllm_available() else "no CUDA device")
+    else:
+        why = "requested"
+    if backend not in _LOGGED:
+        _LOGGED.add(backend)
+        print(f"[fasttrain] generation backend: {backend} ({why})", file=sys.stderr)
+    if backend == "vllm":
+        return VLLMGenerator(model_dir, **kw)
+    return HFGenerator(model_dir, batch_size=batch_size, progress=progress, **kw)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
