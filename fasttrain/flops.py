@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class FlopModel:
@@ -22,11 +20,12 @@ class FlopModel:
     hidden: int
 
     @staticmethod
-    def of(model: torch.nn.Module) -> "FlopModel":
-        cfg = model.config
-        # numel of a sharded DTensor parameter is its global size, so this is the same on every rank.
-        n = sum(p.numel() for p in model.model.layers.parameters())
-        return FlopModel(n, cfg.num_hidden_layers, cfg.num_attention_heads * cfg.head_dim, cfg.vocab_size, cfg.hidden_size)
+    def of(cfg) -> "FlopModel":
+        """From a ModelConfig: decoder-block parameters (plus the final norm, negligible)."""
+        from fasttrain.model.config import num_params
+
+        return FlopModel(num_params(cfg, include_embeddings=False), cfg.num_hidden_layers, cfg.q_dim,
+                         cfg.vocab_size, cfg.hidden_size)
 
     def batch(self, tokens: int, attended: int, lm_rows: int, train: bool) -> float:
         mult = 3 if train else 1

@@ -109,12 +109,14 @@ def load_or_compute_table(
     Written to a temporary name and renamed, so a crash never leaves a truncated table behind.
     """
     # Rank 0 decides hit or miss for everyone, so all ranks either load or run the same collectives.
-    hit = False
+    blob = None
     if is_main and cache_path.exists():
         blob = torch.load(cache_path, map_location="cpu", weights_only=True)
-        hit = json.loads(blob["key"]) == key
-    if broadcast_object(hit):
-        blob = torch.load(cache_path, map_location="cpu", weights_only=True)
+        if json.loads(blob["key"]) != key:
+            blob = None
+    if broadcast_object(blob is not None):
+        if blob is None:  # the other ranks read the file rank 0 has checked
+            blob = torch.load(cache_path, map_location="cpu", weights_only=True)
         return blob["table"].to(device), True
     table = compute()
     if is_main:

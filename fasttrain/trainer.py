@@ -149,7 +149,7 @@ def train(cfg: RunConfig) -> dict:
 
     # ---- model, optimizer (built before any forward: it must hold the sharded DTensor parameters)
     model = build_sharded_model(cfg, dist_info, backend, trainable=True)
-    flop_model = FlopModel.of(model)
+    flop_model = FlopModel.of(model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,

@@ -7,10 +7,10 @@
     save_hf_checkpoint(full_state_dict, cfg, out_dir, tokenizer_dir=path)
 """
 from fasttrain.model.checkpoint import load_hf_weights, resolve_model_source, save_hf_checkpoint
-from fasttrain.model.config import ModelConfig, attention_flops, flops_per_token, num_params
+from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.model.decoder import CausalLM, build_model
 
 __all__ = [
-    "CausalLM", "ModelConfig", "attention_flops", "build_model", "flops_per_token", "load_hf_weights",
+    "CausalLM", "ModelConfig", "build_model", "load_hf_weights",
     "num_params", "resolve_model_source", "save_hf_checkpoint",
 ]

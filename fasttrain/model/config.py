@@ -276,18 +276,3 @@ def num_params(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     if include_embeddings:
         n += cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     return n
-
-
-def flops_per_token(cfg: ModelConfig, training: bool = True) -> int:
-    """Dense matmul FLOPs per token: (6 train | 2 forward) x N, where N = non-embedding parameters plus
-    the LM head's V*D (a tied head still does the matmul; the embedding lookup does none). The
-    attention score/value FLOPs depend on sequence lengths: see ``attention_flops``. Norm/bias
-    parameters are included in N; they are a negligible over-count."""
-    n = num_params(cfg, include_embeddings=False) + cfg.vocab_size * cfg.hidden_size
-    return (6 if training else 2) * n
-
-
-def attention_flops(cfg: ModelConfig, attended_keys: int, training: bool = True) -> int:
-    """QK^T and PV FLOPs: 4 * layers * (heads*head_dim) per attended (query, key) pair, x3 for
-    forward+backward. ``attended_keys`` is PackedBatch.num_attended_keys (real tokens only)."""
-    return 4 * cfg.num_hidden_layers * cfg.q_dim * attended_keys * (3 if training else 1)
