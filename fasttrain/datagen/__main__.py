@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "number instead of treating them as unfinished (truncated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch (HF backend)")
+    p.add_argument("--problems-per-call", type=int, default=16,
+                   help="problems sampled together, one generate call per stage; records and progress are "
+                        "written per such chunk")
     p.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"))
     p.add_argument("--judge", default="rollout", choices=("rollout", "openai"))
     p.add_argument("--judge-base-url", default=None, help="e.g. http://host:8000/v1 (for --judge openai)")
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
 
     try:
         for name in ("samples", "rollouts", "rectify", "max_new_tokens", "max_wrong_per_problem", "max_steps",
-                     "batch_size"):
+                     "batch_size", "problems_per_call"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 <= args.threshold < 1:
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
                             rollouts=args.rollouts, rectify=args.rectify, threshold=args.threshold,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             max_wrong_per_problem=args.max_wrong_per_problem, max_steps=args.max_steps,
-                            require_final_answer=not args.allow_unfinished, seed=args.seed, source_model=str(args.model))
+                            require_final_answer=not args.allow_unfinished, seed=args.seed, source_model=str(args.model),
+                            problems_per_call=args.problems_per_call)
         gen = make_generator(args.model, backend=args.backend, batch_size=args.batch_size)
         s = run_datagen(gen, problems, args.out, cfg, judge=judge, tokenizer=getattr(gen, "tokenizer", None),
                         progress=not args.no_progress)

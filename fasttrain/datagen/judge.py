@@ -12,7 +12,9 @@ and ``r_k <= threshold``: the last prefix from which the model could still succe
 step after which it cannot. If no ``r_j`` exceeds the threshold (no prefix ever succeeds) the
 solution is unusable for localization and is dropped (``reason="no_success"``). With the default
 ``threshold = 0`` "cannot succeed" means none of the ``R`` rollouts succeeded.
-All ``K`` prefixes are rolled out in one batched ``generate`` call.
+All ``K`` prefixes are rolled out in one batched ``generate`` call; :meth:`RolloutJudge.locate_many`
+rolls out the prefixes of several solutions (of several problems) in one call
+(:class:`BatchStepJudge`), so the generator sees large batches.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from fasttrain.eval.evaluate import Problem, grade
 
 FINAL_ANSWER_RE = re.compile(r"\\boxed|\\fbox|answer\s+is|####", re.IGNORECASE)
 
-__all__ = ["Localization", "OpenAICompatibleJudge", "RolloutJudge", "StepJudge", "first_wrong_step"]
+__all__ = ["BatchStepJudge", "Localization", "OpenAICompatibleJudge", "RolloutJudge", "StepJudge",
+           "first_wrong_step"]
 
 
 @dataclass
@@ -42,6 +45,14 @@ class Localization:
 @runtime_checkable
 class StepJudge(Protocol):
     def locate(self, problem: Problem, solution: SplitSolution, seed: int) -> Localization:
+        ...
+
+
+@runtime_checkable
+class BatchStepJudge(Protocol):
+    """A judge that localizes many solutions at once, with one seed for the whole call."""
+
+    def locate_many(self, items: list[tuple[Problem, SplitSolution]], seed: int) -> list[Localization]:
         ...
 
 
@@ -68,11 +79,21 @@ class RolloutJudge:
         self.require_final_answer = require_final_answer
 
     def success_rates(self, problem: Problem, solution: SplitSolution, seed: int) -> list[float]:
-        prefixes = [solution.prefix_through_label(j + 1) for j in range(solution.n_steps)]
-        prompts = [render_prompt(self.template, problem.question, p, tokenizer=self.tokenizer) for p in prefixes]
+        return self.success_rates_many([(problem, solution)], seed)[0]
+
+    def success_rates_many(self, items: list[tuple[Problem, SplitSolution]], seed: int) -> list[list[float]]:
+        """``[r_0..r_{K-1}]`` for every (problem, solution): all their prefixes in one ``generate`` call."""
+        jobs = [(i, sol.prefix_through_label(j + 1)) for i, (_, sol) in enumerate(items) for j in range(sol.n_steps)]
+        if not jobs:
+            return [[] for _ in items]
+        prompts = [render_prompt(self.template, items[i][0].question, pre, tokenizer=self.tokenizer)
+                   for i, pre in jobs]
         outs = self.generator.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                        top_p=self.top_p, n=self.rollouts, seed=seed)
-        return [sum(self._success(p + c, problem) for c in cs) / len(cs) for p, cs in zip(prefixes, outs)]
+        rates: list[list[float]] = [[] for _ in items]
+        for (i, pre), cs in zip(jobs, outs):
+            rates[i].append(sum(self._success(pre + c, items[i][0]) for c in cs) / len(cs))
+        return rates
 
     def _success(self, text: str, problem: Problem) -> bool:
         # an explicit final answer is required (as in pipeline.solved): a truncated text never succeeds
@@ -81,9 +102,14 @@ class RolloutJudge:
         return grade(text, problem.answers)[1]
 
     def locate(self, problem: Problem, solution: SplitSolution, seed: int) -> Localization:
-        rates = self.success_rates(problem, solution, seed)
-        k = first_wrong_step(rates, self.threshold)
-        return Localization(k, rates, "ok" if k is not None else "no_success")
+        return self.locate_many([(problem, solution)], seed)[0]
+
+    def locate_many(self, items: list[tuple[Problem, SplitSolution]], seed: int) -> list[Localization]:
+        out = []
+        for rates in self.success_rates_many(items, seed):
+            k = first_wrong_step(rates, self.threshold)
+            out.append(Localization(k, rates, "ok" if k is not None else "no_success"))
+        return out
 
 
 JUDGE_SYSTEM = ("You are a careful math teacher. You check a student's step-by-step solution and find the "

@@ -12,15 +12,20 @@ Backends:
   greedy when ``temperature == 0`` else sampling with ``temperature`` / ``top_p``, stopping at EOS
   (the tokenizer's and the generation config's EOS ids, plus ``<|im_end|>`` / ``<|eot_id|>`` when
   they are single tokens of the vocabulary). The checkpoint's other generation defaults
-  (repetition penalty, top_k, ...) are not used: only the arguments given decide the decoding. bf16 on CUDA, fp32 on CPU. A tokenizer without a pad
-  token gets ``pad = eos`` in memory only (no file is touched). Sampling is seeded: the same prompts,
-  seed and batch size on the same machine give the same text.
+  (repetition penalty, top_k, ...) are not used: only the arguments given decide the decoding.
+  bf16 on CUDA, fp32 on CPU; ``torch.inference_mode``; one host sync per batch for the results (plus
+  the one per decoding step that ``generate`` itself does for its stopping check). A tokenizer without
+  a pad token gets ``pad = eos`` in memory only (no file is touched). Sampling is seeded: the same
+  prompts, seed and batch size on the same machine give the same text. ``ignore_eos=True`` makes every
+  sequence exactly ``max_new_tokens`` long (EOS is masked until then): for throughput benchmarks with
+  random weights, never for evaluation.
 * :class:`VLLMGenerator` -- vLLM's offline ``LLM.generate``. **Untested here** (no vLLM / GPU in CI):
   it is kept deliberately thin.
 
 :func:`make_generator` picks one: ``auto`` = vLLM when it is importable and CUDA is available, else HF.
 
-Both count generated tokens and generation wall time in ``gen.stats`` (for tokens/s reports).
+Both count generated tokens (up to and including the stop token), prompt tokens (without padding) and
+generation wall time in ``gen.stats`` (for tokens/s reports).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class GenStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     sequences: int = 0
+    prompt_tokens: int = 0  # real prompt tokens of every generated sequence, padding excluded
 
     @property
     def tokens_per_s(self) -> float:
@@ -72,7 +78,7 @@ class HFGenerator:
     """Batched generation with ``transformers`` (see the module docstring)."""
 
     def __init__(self, model_dir: str, batch_size: int = 32, device: str | None = None, dtype=None,
-                 progress: bool = False):
+                 progress: bool = False, ignore_eos: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,6 +91,7 @@ class HFGenerator:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
         self.progress = progress
+        self.ignore_eos = bool(ignore_eos)
         self.stats = GenStats()
         self.backend = "hf"
 
@@ -93,6 +100,8 @@ class HFGenerator:
             if tok.eos_token is None:
                 raise ValueError(f"{self.model_dir}: tokenizer has neither a pad nor an EOS token")
             tok.pad_token = tok.eos_token  # in memory only
+        # left padding: every row's last prompt token sits in the last column, so each decoding step
+        # appends one column for the whole batch; the attention mask hides the pads
         tok.padding_side = "left"
         self.tokenizer = tok
         import transformers
@@ -101,7 +110,10 @@ class HFGenerator:
         dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, **{dtype_kw: dtype}).to(self.device)
         self.model.eval()
+        self.stop_ids = self._stop_ids()
 
+    def _stop_ids(self) -> list[int]:
+        tok = self.tokenizer
         stop: list[int] = []
         gc_eos = getattr(self.model.generation_config, "eos_token_id", None)
         for ids in (gc_eos, tok.eos_token_id):
@@ -112,19 +124,43 @@ class HFGenerator:
         for t in EXTRA_STOP_TOKENS:
             if t in vocab:
                 stop.append(vocab[t])
-        self.stop_ids = sorted(set(int(i) for i in stop))
-        if not self.stop_ids:
+        stop_ids = sorted({int(i) for i in stop})
+        if not stop_ids:
             raise ValueError(f"{self.model_dir}: no EOS token id in the tokenizer or generation config")
+        return stop_ids
 
     def _generation_config(self, max_new_tokens, temperature, top_p):
         """A fresh config: the checkpoint's own sampling defaults (repetition penalty, top_k, ...) are
         deliberately NOT inherited, so results depend only on the arguments given here."""
         from transformers import GenerationConfig
 
-        kw = dict(do_sample=False) if temperature == 0 else dict(
-            do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+        kw = {"do_sample": False} if temperature == 0 else {
+            "do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+        if self.ignore_eos:
+            kw["min_new_tokens"] = int(max_new_tokens)  # stop ids get -inf logits until the length is reached
         return GenerationConfig(max_new_tokens=int(max_new_tokens), eos_token_id=self.stop_ids,
                                 pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **kw)
+
+    def _left_pad(self, seqs: list[list[int]]):
+        """(input_ids, attention_mask) on the device, padded on the left to the longest sequence."""
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            if s:
+                ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[j, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _cut(self, toks: list[int], stop_set: set[int]) -> list[int]:
+        """The new tokens up to and including the first stop token (after it come only pads)."""
+        if not self.ignore_eos:
+            for k, t in enumerate(toks):
+                if t in stop_set:
+                    return toks[:k + 1]
+        return toks
 
     def generate(self, prompts: list[str], max_new_tokens: int = 512, temperature: float = 0.0,
                  top_p: float = 1.0, n: int = 1, seed: int = 0) -> list[list[str]]:
@@ -136,11 +172,11 @@ class HFGenerator:
         greedy = temperature == 0
         reps = 1 if greedy else n  # greedy: one decode, copied n times
         enc = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        # every (prompt, repeat) is one sequence; longest first so the first batch shows OOM early
+        # every (prompt, repeat) is one sequence; sorted by length so a batch holds similar lengths
+        # (little padding), longest first so the first batch shows an OOM early
         jobs = sorted(((i, r) for i in range(len(prompts)) for r in range(reps)),
                       key=lambda ir: (-len(enc[ir[0]]), ir[0], ir[1]))
         out: list[list[str | None]] = [[None] * reps for _ in prompts]
-        pad = self.tokenizer.pad_token_id
         batches = [jobs[s:s + self.batch_size] for s in range(0, len(jobs), self.batch_size)]
         bar = _progress(len(jobs), "generate", self.progress)
         t0 = time.perf_counter()
@@ -149,27 +185,17 @@ class HFGenerator:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for b, batch in enumerate(batches):
                 seqs = [enc[i] for i, _ in batch]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for j, s in enumerate(seqs):
-                    if s:
-                        ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
-                        mask[j, width - len(s):] = 1
+                ids, mask = self._left_pad(seqs)
                 torch.manual_seed(int(seed) * 1_000_003 + b)
                 with torch.inference_mode():
-                    gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                              generation_config=gcfg)
-                new = gen[:, width:].tolist()
-                for (i, r), toks in zip(batch, new):
-                    cut = len(toks)
-                    for k, t in enumerate(toks):
-                        if t in stop_set:
-                            cut = k + 1
-                            break
-                    self.stats.generated_tokens += cut
+                    gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg)
+                new = gen[:, ids.shape[1]:].tolist()  # the one host sync of the batch
+                for (i, r), s, toks in zip(batch, seqs, new):
+                    toks = self._cut(toks, stop_set)
+                    self.stats.generated_tokens += len(toks)
+                    self.stats.prompt_tokens += len(s)
                     self.stats.sequences += 1
-                    out[i][r] = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
+                    out[i][r] = self.tokenizer.decode(toks, skip_special_tokens=True)
                 bar.update(len(batch))
         self.stats.seconds += time.perf_counter() - t0
         bar.close()
@@ -180,7 +206,7 @@ class VLLMGenerator:
     """vLLM backend (untested in CI: needs a GPU and the ``vllm`` package)."""
 
     def __init__(self, model_dir: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, **_):
+                 max_model_len: int | None = None, ignore_eos: bool = False, **_):
         if not vllm_available():
             raise RuntimeError("backend 'vllm' requested but the vllm package is not installed "
                                "(pip install vllm, or use --backend hf)")
@@ -189,8 +215,9 @@ class VLLMGenerator:
         self.model_dir = str(model_dir)
         self.backend = "vllm"
         self.stats = GenStats()
-        kw = dict(model=self.model_dir, dtype="bfloat16", tensor_parallel_size=tensor_parallel_size,
-                  gpu_memory_utilization=gpu_memory_utilization)
+        self.ignore_eos = bool(ignore_eos)  # as in HFGenerator: exactly max_new_tokens, for benchmarks
+        kw = {"model": self.model_dir, "dtype": "bfloat16", "tensor_parallel_size": tensor_parallel_size,
+                  "gpu_memory_utilization": gpu_memory_utilization}
         if max_model_len:
             kw["max_model_len"] = max_model_len
         self.llm = LLM(**kw)
@@ -206,7 +233,7 @@ class VLLMGenerator:
         greedy = temperature == 0
         sp = SamplingParams(n=1 if greedy else n, temperature=float(temperature),
                             top_p=1.0 if greedy else float(top_p), max_tokens=int(max_new_tokens),
-                            seed=int(seed))
+                            seed=int(seed), ignore_eos=self.ignore_eos)
         t0 = time.perf_counter()
         res = self.llm.generate(list(prompts), sp)
         self.stats.seconds += time.perf_counter() - t0
@@ -215,6 +242,7 @@ class VLLMGenerator:
             texts = [o.text for o in r.outputs]
             self.stats.generated_tokens += sum(len(o.token_ids) for o in r.outputs)
             self.stats.sequences += len(r.outputs)
+            self.stats.prompt_tokens += len(r.prompt_token_ids or []) * len(r.outputs)
             out.append(texts * n if greedy else texts)
         return out
 
