@@ -29,7 +29,7 @@ setup(
         "flash": ["flash-attn>=2.1"],
         "parquet": ["pyarrow>=14"],
         "plots": ["matplotlib>=3.7"],
-        "bench": ["trl>=0.20", "datasets>=2.19"],
+        "bench": ["trl==1.16.0", "datasets>=4.7"],
         "test": ["pytest>=7", "pyarrow>=14", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["fasttrain=fasttrain.run:main"]},

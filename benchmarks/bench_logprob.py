@@ -1,4 +1,8 @@
-"""LM-head log-prob benchmark (DESIGN §4): fused Triton kernel vs eager / torch.compile / Liger.
+"""LM-head log-prob benchmark (DESIGN §4): fasttrain's kernels vs eager / torch.compile / Liger.
+
+Implementations: "chunked" (cuBLAS GEMMs on vocabulary chunks + Triton epilogues; the trainer's CUDA default),
+"triton" (fully fused Triton kernels), "eager" (matmul + log_softmax + gather), "compile" (torch.compile of
+eager), "liger" (Liger-Kernel's fused linear cross-entropy, reduction="none", when importable).
 
 For each (N, D) with V = 152064 in bf16: forward + backward time of logp = log_softmax(h @ W.T)[t] with an
 upstream gradient (CUDA events, warmup then the median of reps), TFLOP/s counted as 8*N*V*D / time (2 forward,
@@ -8,12 +12,19 @@ dh / dW outputs. Needs CUDA.
 
     python benchmarks/bench_logprob.py            # N in {2048, 8192, 32768} x D in {1536, 4096, 8192}
     python benchmarks/bench_logprob.py --quick    # N=2048 and 8192, D=1536 and 4096
+    python benchmarks/bench_logprob.py --sweep    # tile / chunk settings of both kernels at N=8192, D=4096
+
+Every row also prints the kernel's largest relative error against eager on logp, dh and dW of the timed
+inputs ("err"), so a fast but wrong kernel cannot go unnoticed; the bf16 accuracy test against float64 is
+tests/test_lm_head_kernel.py::test_gpu_bf16_realistic.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -26,9 +37,9 @@ def eager_logprobs(h, w, t):
 
 
 def make_impls():
-    from fasttrain_kernels.ops import lm_head_logprobs_triton
+    from fasttrain_kernels.ops import lm_head_logprobs_chunked, lm_head_logprobs_triton
 
-    impls = {"triton": lm_head_logprobs_triton, "eager": eager_logprobs,
+    impls = {"chunked": lm_head_logprobs_chunked, "triton": lm_head_logprobs_triton, "eager": eager_logprobs,
              "compile": torch.compile(eager_logprobs, dynamic=False)}
     notes = []
     try:
@@ -57,6 +68,13 @@ def bench_one(fn, h0, w0, t, g, warmup, reps):
 
     for _ in range(warmup):
         step()
+    if h.device.type != "cuda":  # --smoke on the CPU: wall-clock times, no memory accounting
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), 0, (logp_of(fn, h, w, t), h.grad, w.grad)
     torch.cuda.synchronize()
     h.grad = w.grad = None
     torch.cuda.empty_cache()
@@ -75,7 +93,18 @@ def bench_one(fn, h0, w0, t, g, warmup, reps):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times), peak_extra
+    return statistics.median(times), peak_extra, (logp_of(fn, h, w, t), h.grad, w.grad)
+
+
+def logp_of(fn, h, w, t):
+    with torch.no_grad():
+        return fn(h, w, t).float()
+
+
+def rel_err(got, ref) -> float:
+    """max over (logp, dh, dW) of max|got - ref| / max|ref|."""
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(got, ref))
 
 
 def main(argv=None) -> int:
@@ -84,27 +113,40 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=V_DEFAULT)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--impls", default="triton,eager,compile,liger", help="comma-separated subset")
+    ap.add_argument("--impls", default="chunked,triton,eager,compile,liger", help="comma-separated subset")
+    ap.add_argument("--sweep", action="store_true", help="time tile / chunk settings of both kernels instead")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU check of this script: one tiny fp32 shape, kernels under the Triton interpreter")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (make_impls imports them)
+        Ns, Ds, V, dtype, dev = (37,), (48,), 203, torch.float32, "cpu"
+        args.impls, args.warmup, args.reps = "chunked,triton,eager", 1, 2
+    elif not torch.cuda.is_available():
         print("bench_logprob.py needs a CUDA GPU (torch.cuda.is_available() is False); "
               "run it on the device machine.", file=sys.stderr)
         return 2
 
-    Ns = (2048, 8192) if args.quick else (2048, 8192, 32768)
-    Ds = (1536, 4096) if args.quick else (1536, 4096, 8192)
-    V, dtype, dev = args.vocab, torch.bfloat16, "cuda"
+    elif args.sweep:
+        return sweep(args)
+    else:
+        Ns = (2048, 8192) if args.quick else (2048, 8192, 32768)
+        Ds = (1536, 4096) if args.quick else (1536, 4096, 8192)
+        V, dtype, dev = args.vocab, torch.bfloat16, "cuda"
     impls, notes = make_impls()
     wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
     for name in wanted:
         if name not in impls and not name.startswith("liger"):
             raise SystemExit(f"unknown impl {name!r}; have {sorted(impls)}")
     names = [n for n in wanted if n in impls]
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  V={V} bf16  "
+    card = torch.cuda.get_device_name() if dev == "cuda" else "CPU (smoke)"
+    print(f"# {card}  torch {torch.__version__}  V={V} {str(dtype).removeprefix('torch.')}  "
           f"median of {args.reps} (warmup {args.warmup})")
     for note in notes:
         print(f"# {note}")
-    print(f"{'N':>6} {'D':>5} {'impl':>8} {'ms':>9} {'TFLOP/s':>8} {'extra GiB':>9}")
+    print(f"{'N':>6} {'D':>5} {'impl':>8} {'ms':>9} {'TFLOP/s':>8} {'extra GiB':>9} {'x eager':>7} "
+          f"{'mem/eager':>9} {'err':>8}")
+    summary = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for D in Ds:
         w = (torch.randn(V, D, device=dev, generator=gen) / D ** 0.5 * 3).to(dtype)
@@ -113,21 +155,68 @@ def main(argv=None) -> int:
             t = torch.randint(0, V, (N,), device=dev, generator=gen)
             g = torch.randn(N, device=dev, generator=gen)
             flops = 8 * N * V * D
-            for name in names:
+            eager_row = None
+            # eager first: the ratios and errors of the others are against it
+            for name in sorted(names, key=lambda n: n != "eager"):
                 try:
-                    sec, extra = bench_one(impls[name], h, w, t, g, args.warmup, args.reps)
+                    sec, extra, outs = bench_one(impls[name], h, w, t, g, args.warmup, args.reps)
+                    if name == "eager":
+                        eager_row = (sec, extra, outs)
+                    speed = f"{eager_row[0] / sec:>7.2f}" if eager_row else f"{'-':>7}"
+                    mem = f"{extra / eager_row[1]:>9.3f}" if eager_row and eager_row[1] > 0 else f"{'-':>9}"
+                    err = f"{rel_err(outs, eager_row[2]):>8.1e}" if eager_row and name != "eager" else f"{'-':>8}"
                     print(f"{N:>6} {D:>5} {name:>8} {sec * 1e3:>9.2f} {flops / sec / 1e12:>8.1f} "
-                          f"{extra / 2**30:>9.2f}", flush=True)
+                          f"{extra / 2**30:>9.2f} {speed} {mem} {err}", flush=True)
+                    summary.append((N, D, name, flops / sec / 1e12, speed.strip(), mem.strip()))
+                    del outs
                 except torch.OutOfMemoryError:
                     print(f"{N:>6} {D:>5} {name:>8} {'OOM':>9}", flush=True)
-                except Exception as e:  # e.g. a Liger version whose reduction="none" backward is unsupported
-                    if name == "triton":
-                        raise
+                except Exception as e:  # noqa: BLE001 -- one broken impl must not end a (metered) GPU session
                     print(f"{N:>6} {D:>5} {name:>8} {'FAILED':>9}  {type(e).__name__}: {str(e)[:80]}", flush=True)
                 torch.cuda.empty_cache()
-            del h, t, g
+            del h, t, g, eager_row
         del w
         torch.cuda.empty_cache()
+    target = [r for r in summary if r[0] == 8192 and r[1] == 4096 and r[2] in ("chunked", "triton")]
+    for _, _, name, tflops, speed, mem in target:
+        print(f"# target N=8192 D=4096 {name}: {tflops:.0f} TFLOP/s (>= 550), {speed}x eager (>= 2), "
+              f"extra memory {mem} of eager's (< 0.15)")
+    return 0
+
+
+def sweep(args) -> int:
+    """Times tile / chunk settings at the target shape; the winners become the modules' GPU defaults."""
+    from fasttrain_kernels import lm_head_chunked, lm_head_triton
+    from fasttrain_kernels.ops import lm_head_logprobs_chunked, lm_head_logprobs_triton
+
+    N, D, V, dev = 8192, 4096, args.vocab, "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = (torch.randn(V, D, device=dev, generator=gen) / D ** 0.5 * 3).to(torch.bfloat16)
+    h = torch.randn(N, D, device=dev, generator=gen).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), device=dev, generator=gen)
+    g = torch.randn(N, device=dev, generator=gen)
+    flops = 8 * N * V * D
+    print(f"# sweep at N={N} D={D} V={V} bf16 on {torch.cuda.get_device_name()}")
+    chunked_default = (lm_head_chunked.CHUNK_BYTES, dict(lm_head_chunked.GPU_EPILOGUE))
+    for chunk_mib in (128, 256, 512, 1024):
+        for block_n, block_c, warps in ((4, 1024, 4), (8, 1024, 8), (2, 2048, 4), (1, 4096, 8)):
+            lm_head_chunked.CHUNK_BYTES = chunk_mib * 2**20
+            lm_head_chunked.GPU_EPILOGUE = dict(BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
+            sec, extra, _ = bench_one(lm_head_logprobs_chunked, h, w, t, g, 2, 5)
+            print(f"chunked chunk={chunk_mib}MiB epilogue={block_n}x{block_c}/{warps}w  {sec * 1e3:8.2f} ms "
+                  f"{flops / sec / 1e12:6.0f} TFLOP/s  extra {extra / 2**30:.2f} GiB", flush=True)
+    lm_head_chunked.CHUNK_BYTES, lm_head_chunked.GPU_EPILOGUE = chunked_default
+    triton_default = dict(lm_head_triton.GPU_BLOCKS)
+    for bn, bv, bd, warps, stages in ((64, 128, 64, 8, 2), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+                                      (128, 256, 64, 8, 3), (128, 128, 128, 8, 2)):
+        lm_head_triton.GPU_BLOCKS = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        try:
+            sec, extra, _ = bench_one(lm_head_logprobs_triton, h, w, t, g, 1, 3)
+            print(f"triton blocks={bn}x{bv}x{bd} {warps}w {stages}s  {sec * 1e3:8.2f} ms "
+                  f"{flops / sec / 1e12:6.0f} TFLOP/s  extra {extra / 2**30:.2f} GiB", flush=True)
+        except Exception as e:  # e.g. out of shared memory for a large tile: report and go on
+            print(f"triton blocks={bn}x{bv}x{bd} {warps}w {stages}s  FAILED {type(e).__name__}: {str(e)[:80]}")
+    lm_head_triton.GPU_BLOCKS = triton_default
     return 0
 
 

@@ -356,22 +356,13 @@ def plan_memory(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro, n_micro:
                 ) -> tuple[bool, bool, MemoryPlan, list[str]]:
     """(offload, accumulate unsharded grads, memory plan, notes).
 
-    Offload is decided on what every plan must hold. The trainer reduce-scatters only after a step's last
-    micro-batch, so FSDP2 keeps unsharded fp32 grads (4 B/param) between micro-batches; when those do not fit on
-    top, gradients must be reduced every micro-batch instead (an extra reduce-scatter is far cheaper than offload).
+    Offload is decided on what every plan must hold. The trainer reduce-scatters gradients after every
+    micro-batch (FSDP2's default), so no unsharded fp32 gradient is ever held between micro-batches: the
+    "accumulate" answer is always False, and each extra micro-batch costs one more reduce-scatter.
     """
     notes: list[str] = []
     offload, mem = _choose_offload(shape, c, s, mb, accumulate=False)
     accumulate = False
-    if n_micro > 1:
-        with_acc = memory_plan(shape, c, mb, offload, accumulate_unsharded=True)
-        accumulate = with_acc.fits
-        if accumulate:
-            mem = with_acc
-        else:
-            notes.append(f"{n_micro} micro-batches per step: unsharded fp32 grad accumulation "
-                         f"({4 * shape.params_total / GIB:.0f} GiB) does not fit; projected with a reduce-scatter "
-                         "after every micro-batch (fasttrain's trainer currently skips it until the last one)")
     if not mem.fits:
         notes.append(f"does not fit even {'with' if offload else 'without'} CPU offload: "
                      f"{mem.peak_bytes / GIB:.1f} GiB > {c.card_gib} GiB")

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from fasttrain import distributed as fdist
 from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
+from fasttrain.lm_head import resolve_lm_head
 from fasttrain.packing import PromptGroup, build_groups
 from fasttrain.reference import (
     LiveReference,
@@ -109,31 +111,49 @@ def check_model_source(path: str):
         raise UserError(str(e)) from None
 
 
-def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, trainable: bool):
+def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, trainable: bool,
+                        model_cfg=None, init_weights: Callable[[torch.nn.Module], None] | None = None):
+    """The FSDP2-sharded model of ``cfg.model.path`` (or of ``model_cfg`` with weights from ``init_weights``,
+    for benchmarks on random models), on ``dist_info.device``.
+
+    Trainable: fp32 master weights (the optimizer's), gathered in the compute dtype. Frozen (a live
+    reference): stored in the compute dtype, which is what FSDP would gather anyway, at half the memory.
+    """
     from fasttrain.model.checkpoint import load_hf_weights
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
 
-    try:
-        model_cfg = ModelConfig.from_model_dir(cfg.model.path)
-    except (OSError, ValueError) as e:
-        raise UserError(str(e)) from None
+    if model_cfg is None:
+        try:
+            model_cfg = ModelConfig.from_model_dir(cfg.model.path)
+        except (OSError, ValueError) as e:
+            raise UserError(str(e)) from None
     try:
         model_cfg.check_max_length(cfg.data.max_length)
     except ValueError as e:
         raise UserError(str(e)) from None
     check_memory_plan(model_cfg, cfg, dist_info, trainable)
-    model = build_model(model_cfg, device="meta", dtype=torch.float32)  # fp32 master weights
-    model.set_attention_backend(backend)
-    model.activation_checkpointing = cfg.model.activation_checkpointing and trainable
     compute_dtype = getattr(torch, cfg.model.compute_dtype)
+    model = build_model(model_cfg, device="meta", dtype=torch.float32 if trainable else compute_dtype)
+    model.set_attention_backend(backend)
+    model.lm_head_impl = resolve_lm_head(cfg.model.lm_head_impl, dist_info.device)
+    model.activation_checkpointing = cfg.model.activation_checkpointing and trainable
+    # Set before fully_shard like torchtitan's per-block compile; the compiled regions run inside the
+    # block's forward, so FSDP2's hooks and the checkpointing stay outside them.
+    model.compile_blocks = cfg.model.compile
+    if cfg.model.compile and trainable:  # logged once per run (a live reference shares the graphs)
+        log.info("model.compile: torch.compile per decoder block (norm, q/k/v, RoPE | o_proj, norm, SwiGLU; "
+                 "attention eager); the first micro-batches compile")
     fdist.shard_model(model, compute_dtype, cpu_offload=cfg.model.cpu_offload and trainable)
     model.to_empty(device=dist_info.device)
     model.reset_buffers()
-    try:
-        load_hf_weights(model, cfg.model.path)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(str(e)) from None
+    if init_weights is not None:
+        init_weights(model)
+    else:
+        try:
+            load_hf_weights(model, cfg.model.path)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(str(e)) from None
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -145,7 +165,7 @@ def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo, trai
     """Fail before allocating anything when the sharded training state cannot fit the GPU (DESIGN §6).
 
     Trainable: fp32 params + fp32 grads + AdamW m, v = 16 bytes/param, sharded over all ranks (host
-    memory instead with model.cpu_offload). Frozen live reference: fp32 shards, 4 bytes/param.
+    memory instead with model.cpu_offload). Frozen live reference: compute-dtype shards, 2 bytes/param in bf16.
     Activations and the gathered bf16 blocks come on top, so at most 85% of the card is planned.
     """
     if dist_info.device.type != "cuda":
@@ -153,7 +173,8 @@ def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo, trai
     from fasttrain.model.config import num_params
 
     n = num_params(model_cfg)
-    bytes_per_param = (0 if cfg.model.cpu_offload else 16) if trainable else 4
+    frozen_bytes = torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
+    bytes_per_param = (0 if cfg.model.cpu_offload else 16) if trainable else frozen_bytes
     need = n * bytes_per_param / dist_info.world_size
     have = torch.cuda.get_device_properties(dist_info.device).total_memory
     if need > 0.85 * have:
@@ -189,7 +210,9 @@ def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, po
             continue
         groups = groups_of(data)
         key = {"model": model_fp, "tokens": tokenized_fingerprint(data), "dtype": cfg.model.compute_dtype,
-               "lm_head": cfg.model.lm_head_impl}
+               "lm_head": resolve_lm_head(cfg.model.lm_head_impl, dist_info.device)}
+        if cfg.model.compile:  # fused kernels round differently; only set when on, so eager keys are unchanged
+            key["compile"] = True
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         t0 = time.perf_counter()
         table, cached = load_or_compute_table(

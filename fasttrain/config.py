@@ -23,10 +23,15 @@ class ModelSection:
     path: str = ""  # HF model directory (config.json + safetensors + tokenizer files)
     tokenizer: str = ""  # defaults to model.path
     attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | reference
-    lm_head_impl: str = "torch"  # torch (reference) | triton (fused kernel; not yet validated on a GPU)
+    lm_head_impl: str = "auto"  # auto (chunked on CUDA, torch on CPU) | torch | triton | chunked (fasttrain/lm_head.py)
     activation_checkpointing: bool = True
     compute_dtype: str = "bfloat16"  # bfloat16 | float32 (master weights + AdamW state are always fp32)
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state live in host memory
+    # torch.compile each decoder block's compute around the (eager) attention call: norm + q/k/v + qk-norm +
+    # RoPE, and o_proj + residual + norm + SwiGLU + residual, fused by inductor. The token count is dynamic, so
+    # each region compiles once per mode (train / no-grad / frozen live reference; again for a 1-token dummy
+    # batch), never per batch. Costs compile time in the first micro-batches; needs a C++ compiler on CPU.
+    compile: bool = False
 
 
 @dataclass
@@ -94,7 +99,7 @@ class RunConfig:
     def validate(self) -> None:
         choices = {
             ("model", "attention_backend"): ("auto", "flash_attn", "torch_varlen", "reference"),
-            ("model", "lm_head_impl"): ("torch", "triton"),
+            ("model", "lm_head_impl"): ("auto", "torch", "triton", "chunked"),
             ("model", "compute_dtype"): ("bfloat16", "float32"),
             ("train", "save_dtype"): ("bfloat16", "float32"),
             ("data", "template"): ("qwen2-boxed", "alpaca", "deepseek-math", "chat"),

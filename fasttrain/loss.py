@@ -97,7 +97,8 @@ def metric_sums(logps: PairLogps, pair_losses: torch.Tensor, beta: float) -> Met
         reward_chosen = beta * (logps.policy_chosen - logps.ref_chosen)
         reward_rejected = beta * (logps.policy_rejected - logps.ref_rejected)
         return MetricSums(
-            count=torch.tensor(float(pair_losses.numel()), device=pair_losses.device),
+            # a fill kernel, not torch.tensor(x, device=cuda): a pageable host copy would wait for the GPU
+            count=torch.full((), float(pair_losses.numel()), device=pair_losses.device),
             loss=pair_losses.detach().sum(),
             reward_chosen=reward_chosen.sum(),
             reward_rejected=reward_rejected.sum(),

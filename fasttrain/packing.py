@@ -24,6 +24,15 @@ import torch
 # ----------------------------------------------------------------------------------------------
 # Host-side description of what goes into a batch
 # ----------------------------------------------------------------------------------------------
+def to_device(t: torch.Tensor, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
+    """Host batch tensor -> device. To CUDA through pinned memory: a copy from pageable memory first waits
+    for the GPU's queued work (a host sync per micro-batch); a pinned one is queued behind it."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and non_blocking:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=non_blocking)
+
+
 @dataclass
 class PairRef:
     """One preference pair inside a prompt group: indices into the group's continuations."""
@@ -157,9 +166,9 @@ class AttentionMeta:
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "AttentionMeta":
         return AttentionMeta(
-            self.kv_index_K.to(device, non_blocking=non_blocking),
-            self.cu_seqlens_q.to(device, non_blocking=non_blocking),
-            self.cu_seqlens_k.to(device, non_blocking=non_blocking),
+            to_device(self.kv_index_K, device, non_blocking),
+            to_device(self.cu_seqlens_q, device, non_blocking),
+            to_device(self.cu_seqlens_k, device, non_blocking),
             self.max_seqlen_q,
             self.max_seqlen_k,
             self.kv_is_identity,
@@ -229,7 +238,7 @@ class PackedBatch:
         return int(self.cont_lengths_M.numel())
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackedBatch":
-        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        mv = lambda t: to_device(t, device, non_blocking)  # noqa: E731
         return PackedBatch(
             mv(self.input_ids_T), mv(self.position_ids_T), self.attn.to(device, non_blocking),
             mv(self.lp_rows_N), mv(self.lp_targets_N), mv(self.lp_cont_N), mv(self.cont_lengths_M),

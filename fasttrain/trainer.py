@@ -35,6 +35,7 @@ from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
 from fasttrain.faults import Faults
 from fasttrain.flops import FlopModel
+from fasttrain.lm_head import resolve_lm_head
 from fasttrain.loss import (
     MetricSums,
     PairLogps,
@@ -65,6 +66,31 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def host_values_to(device: torch.device, values: list[float]) -> torch.Tensor:
+    """fp32 tensor of host numbers on `device` without a host sync: a copy from pageable memory would first
+    wait for the GPU's queued work, one from pinned memory is queued behind it (non_blocking)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], total_steps: int):
+    """(AdamW, LambdaLR with linear warmup + cosine decay) over the sharded fp32 master parameters."""
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+        weight_decay=cfg.train.weight_decay,
+        # On CUDA one fused kernel reads each fp32 param / grad / moment once (torchtitan's default with FSDP2);
+        # the CPU (CPU-offloaded states included) keeps the for-each path the equality tests pin.
+        fused=params[0].device.type == "cuda" if params else None,
+    )
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio)
+    )
+    return optimizer, scheduler
 
 
 def run_micro_batch(model, reference, groups, device, cfg: RunConfig, world_size: int, flop_model, train: bool,
@@ -125,8 +151,12 @@ def train(cfg: RunConfig) -> dict:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     backend = resolve_backend(cfg.model.attention_backend, device)
-    log.info("world size %d on %s; attention backend %s; compute %s, fp32 master weights + AdamW state",
-             world, device, backend, cfg.model.compute_dtype)
+    try:
+        lm_head = resolve_lm_head(cfg.model.lm_head_impl, device)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    log.info("world size %d on %s; attention backend %s; LM head %s; compute %s, fp32 master weights + AdamW state",
+             world, device, backend, lm_head, cfg.model.compute_dtype)
 
     model_cfg = check_model_source(cfg.model.path)  # fail fast, before tokenizing anything
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
@@ -151,15 +181,8 @@ def train(cfg: RunConfig) -> dict:
     model = build_sharded_model(cfg, dist_info, backend, trainable=True)
     flop_model = FlopModel.of(model.config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
-        weight_decay=cfg.train.weight_decay,
-    )
     total_steps = len(plans)
-    warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio)
-    )
+    optimizer, scheduler = build_optimizer(cfg, params, total_steps)
 
     # ---- references (from the initial weights, before any checkpoint is loaded) and evaluation sets
     eval_sets = {"train_subset": groups_of(train_data, 256)}  # the same pairs every time
@@ -270,8 +293,9 @@ class TrainLoop:
             step_sums = torch.zeros(n_fields, device=device)
             tokens = flops = 0.0
             for i, groups in enumerate(my_batches):
-                # Reduce-scatter gradients only after the last micro-batch of the step.
-                self.model.set_requires_gradient_sync(i == len(my_batches) - 1)
+                # Gradients are reduce-scattered after every micro-batch (FSDP2's default), into the sharded
+                # fp32 grads. Deferring it to the step's last micro-batch would make FSDP2 keep an unsharded
+                # fp32 gradient of the whole model on every rank in between: 4 B/param, ~290 GB at 72B.
                 sums, n_tok, n_flops = run_micro_batch(
                     self.model, self.reference, groups, device, cfg, self.dist.world_size, self.flop_model, True,
                     loss_scale=self.faults.loss_scale(step, rank, i))
@@ -283,7 +307,7 @@ class TrainLoop:
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             due = cfg.train.checkpoint_minutes > 0 and time.perf_counter() - t_ckpt >= 60 * cfg.train.checkpoint_minutes
-            stats = torch.cat([step_sums, torch.tensor([tokens, flops, float(due)], device=device)])
+            stats = torch.cat([step_sums, host_values_to(device, [tokens, flops, float(due)])])
             # The step's one host sync: every rank learns the same loss, grad norm (already global) and
             # checkpoint vote.
             *values, norm = torch.cat([fdist.all_reduce_sum(stats), grad_norm.reshape(1).to(stats)]).tolist()

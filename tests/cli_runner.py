@@ -23,6 +23,7 @@ def run_fasttrain(args: list[str], nproc: int = 1, env_extra: dict | None = None
     """One process without torchrun when nproc == 1 and no restarts are asked for, else torchrun."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("FASTTRAIN_FAULT", None)
+    env.pop("TRITON_INTERPRET", None)  # test_lm_head_kernel sets it in this process; runs get it only if asked
     env.update(env_extra or {})
     if nproc == 1 and not max_restarts:
         cmd = [sys.executable, str(RUN), *args]

@@ -104,6 +104,20 @@ def test_live_reference_equals_precomputed(tmp_path):
         assert a["rewards/chosen"] == pytest.approx(b["rewards/chosen"], abs=1e-4)
 
 
+def test_lm_head_choice_reaches_the_run(tmp_path):
+    """model.lm_head_impl is resolved once and logged; a Triton head on a CPU run is refused with the reason.
+    (The kernels' numerics inside CausalLM are tested in test_lm_head_kernel.py, where they run interpreted.)"""
+    data = small_train_file(tmp_path, 4)
+    common = ["train.max_steps=1", "train.save_final=false", "train.global_batch_pairs=2"]
+    auto = run_fasttrain(common_overrides(tmp_path, "auto", data) + common)
+    check(auto)
+    assert "LM head torch" in auto.stderr  # auto on the CPU
+    for impl in ("triton", "chunked"):
+        refused = run_fasttrain(common_overrides(tmp_path, impl, data) + common + [f"model.lm_head_impl={impl}"])
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert "needs a CUDA device" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_demo_learns_on_two_ranks(tmp_path):
     """A short real run of the demo: reward accuracy and margins rise, on train and held-out pairs."""
     result = run_fasttrain(

@@ -10,6 +10,9 @@ dicts map 1:1. There are no persistent buffers: RoPE frequencies are recomputed 
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,10 +22,12 @@ from fasttrain.attention import BACKENDS, varlen_attention
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.rope import apply_rope, inv_freq, rope_cos_sin
 from fasttrain.packing import AttentionMeta, PackedBatch
-from fasttrain_kernels.ops import lm_head_logprobs_triton
+from fasttrain_kernels.ops import lm_head_logprobs_chunked, lm_head_logprobs_triton
 from fasttrain_kernels.reference import lm_head_logprobs
 
-LM_HEAD_IMPLS = ("torch", "triton")
+# resolved names (fasttrain.lm_head.resolve_lm_head turns "auto" into one of these)
+LM_HEAD_FUNCTIONS = {"torch": lm_head_logprobs, "triton": lm_head_logprobs_triton, "chunked": lm_head_logprobs_chunked}
+LM_HEAD_IMPLS = tuple(LM_HEAD_FUNCTIONS)
 
 
 class RMSNorm(nn.Module):
@@ -55,17 +60,22 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str) -> torch.Tensor:
+    def project(self, x_TD, cos_TH, sin_TH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q_TNH, k_TMH, v_TMH: projections, Qwen3's qk-norm and RoPE (everything before the varlen call)."""
         T = x_TD.shape[0]
         q_TNH = self.q_proj(x_TD).view(T, self.n_heads, self.head_dim)
         k_TMH = self.k_proj(x_TD).view(T, self.n_kv, self.head_dim)
         v_TMH = self.v_proj(x_TD).view(T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q_TNH, k_TMH = self.q_norm(q_TNH), self.k_norm(k_TMH)
-        q_TNH = apply_rope(q_TNH, cos_TH, sin_TH)
-        k_TMH = apply_rope(k_TMH, cos_TH, sin_TH)
-        o_TNH = varlen_attention(q_TNH, k_TMH, v_TMH, attn, backend)
-        return self.o_proj(o_TNH.reshape(T, self.n_heads * self.head_dim))
+        return apply_rope(q_TNH, cos_TH, sin_TH), apply_rope(k_TMH, cos_TH, sin_TH), v_TMH
+
+    def output(self, o_TNH: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(o_TNH.reshape(o_TNH.shape[0], self.n_heads * self.head_dim))
+
+    def forward(self, x_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str) -> torch.Tensor:
+        q_TNH, k_TMH, v_TMH = self.project(x_TD, cos_TH, sin_TH)
+        return self.output(varlen_attention(q_TNH, k_TMH, v_TMH, attn, backend))
 
 
 class MLP(nn.Module):
@@ -88,17 +98,63 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str, recompute: bool = False):
+    def forward(self, h_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str, recompute: bool = False,
+                compiled: bool = False):
         # Checkpointing happens inside the block's forward, so an FSDP2 hook on this module fires
         # once around it (and the pre-backward unshard covers the recomputation), the same
-        # composition as torchtitan's checkpoint_wrapper-then-fully_shard.
+        # composition as torchtitan's checkpoint_wrapper-then-fully_shard. The compiled regions sit
+        # inside _block, so the recomputation reruns the same compiled graphs (no extra compile).
         if recompute:
-            return checkpoint(self._block, h_TD, cos_TH, sin_TH, attn, backend, use_reentrant=False)
-        return self._block(h_TD, cos_TH, sin_TH, attn, backend)
+            return checkpoint(self._block, h_TD, cos_TH, sin_TH, attn, backend, compiled, use_reentrant=False)
+        return self._block(h_TD, cos_TH, sin_TH, attn, backend, compiled)
 
-    def _block(self, h_TD, cos_TH, sin_TH, attn, backend):
-        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), cos_TH, sin_TH, attn, backend)
-        return h_TD + self.mlp(self.post_attention_layernorm(h_TD))
+    def _block(self, h_TD, cos_TH, sin_TH, attn, backend, compiled):
+        pre, post = compiled_regions() if compiled else (pre_attention, post_attention)
+        q_TNH, k_TMH, v_TMH = pre(self, h_TD, cos_TH, sin_TH)
+        o_TNH = varlen_attention(q_TNH, k_TMH, v_TMH, attn, backend)  # eager: host-side cu_seqlens / max_seqlen
+        return post(self, h_TD, o_TNH)
+
+
+# -- the block's compute around attention, eager or torch.compile'd (model.compile) -----------------
+def pre_attention(layer: DecoderLayer, h_TD, cos_TH, sin_TH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input RMSNorm, q/k/v projections, qk-norm, RoPE."""
+    return layer.self_attn.project(layer.input_layernorm(h_TD), cos_TH, sin_TH)
+
+
+def post_attention(layer: DecoderLayer, h_TD, o_TNH) -> torch.Tensor:
+    """o_proj, residual add, post-attention RMSNorm, SwiGLU MLP, residual add."""
+    h_TD = h_TD + layer.self_attn.output(o_TNH)
+    return h_TD + layer.mlp(layer.post_attention_layernorm(h_TD))
+
+
+@functools.cache
+def compiled_regions() -> tuple[Callable, Callable]:
+    """(pre, post) compiled once per process and shared by every block of every model.
+
+    Dynamo inlines nn.Modules (inline_inbuilt_nn_modules), so parameters are graph inputs and all
+    blocks reuse one graph per region instead of one per layer (28 layers would pass dynamo's recompile
+    limit of 8, after which it runs eager with a single warning). Graphs per region in a run: one for
+    training, one for no-grad passes, one for a frozen live reference, each again for T = 1 if a
+    dummy micro-batch occurs. The attention call stays eager between the two regions: its segment
+    boundaries are host ints that change every batch and would be guarded on.
+    fullgraph=True: a graph break is an error, not a block that silently runs partly eager.
+    """
+    return (_tokens_dynamic(torch.compile(pre_attention, fullgraph=True)),
+            _tokens_dynamic(torch.compile(post_attention, fullgraph=True)))
+
+
+def _tokens_dynamic(compiled_fn: Callable) -> Callable:
+    """Marks dim 0 (T, the packed token count, new every micro-batch) of every tensor argument
+    dynamic, so the first compile is already shape-generic: one graph per region for all T >= 2
+    (tests/test_compile.py). T = 1 (the dummy micro-batch of a rank without work) is specialised by
+    dynamo's 0/1 rule: one more compile, once."""
+
+    def call(layer: DecoderLayer, *tensors: torch.Tensor):
+        for t in tensors:
+            torch._dynamo.mark_dynamic(t, 0)
+        return compiled_fn(layer, *tensors)
+
+    return call
 
 
 class DecoderModel(nn.Module):
@@ -121,6 +177,9 @@ class CausalLM(nn.Module):
         self.attention_backend = "reference"
         self.lm_head_impl = "torch"
         self.activation_checkpointing = False
+        # model.compile: torch.compile each block's compute around attention (compiled_regions).
+        # Not named `compile`: that is nn.Module.compile, which would compile the whole module.
+        self.compile_blocks = False
         # Not a buffer: module.to(bf16) would round it, and meta/to_empty would leave it garbage.
         # Cached per device; reset_buffers() clears it.
         self._inv_freq_cache: dict[torch.device, torch.Tensor] = {}
@@ -169,7 +228,7 @@ class CausalLM(nn.Module):
         cos_TH, sin_TH = rope_cos_sin(self._inv_freq(h_TD.device), position_ids_T, h_TD.dtype)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h_TD = layer(h_TD, cos_TH, sin_TH, attn, self.attention_backend, recompute)
+            h_TD = layer(h_TD, cos_TH, sin_TH, attn, self.attention_backend, recompute, self.compile_blocks)
         return self.model.norm(h_TD)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
@@ -177,11 +236,10 @@ class CausalLM(nn.Module):
         inside the module's forward, so FSDP's hooks have gathered its (maybe tied) weight."""
         h_TD = self.hidden_states(batch.input_ids_T, batch.position_ids_T, batch.attn)
         h_RD = h_TD.index_select(0, batch.lp_rows_N)
-        if self.lm_head_impl == "torch":
-            return lm_head_logprobs(h_RD, self.lm_head.weight, batch.lp_targets_N)
-        if self.lm_head_impl == "triton":  # fused kernel (DESIGN §4); no [N, V] logits
-            return lm_head_logprobs_triton(h_RD, self.lm_head.weight, batch.lp_targets_N)
-        raise ValueError(f"lm_head_impl {self.lm_head_impl!r}: expected one of {LM_HEAD_IMPLS}")
+        head = LM_HEAD_FUNCTIONS.get(self.lm_head_impl)
+        if head is None:
+            raise ValueError(f"lm_head_impl {self.lm_head_impl!r}: expected one of {LM_HEAD_IMPLS}")
+        return head(h_RD, self.lm_head.weight, batch.lp_targets_N)
 
     def logits(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, attn: AttentionMeta) -> torch.Tensor:
         """logits_TV for every row (parity tests; training never materialises these)."""

@@ -1,0 +1,1168 @@
+"""fasttrain vs TRL's DPOTrainer: same model, data, global batch, learning rate, beta and precision, one GPU,
+one invocation (issue 5).
+
+    python benchmarks/bench_vs_trl.py                                    # the H100 comparison: 2 + 16 steps
+    python benchmarks/bench_vs_trl.py --variants trl_default,fasttrain_live   # a subset
+    python benchmarks/bench_vs_trl.py --smoke --in-process               # tiny model on a CPU (~40 s)
+
+What runs, in this order (``--variants`` picks a subset):
+
+  trl_default          TRL DPOTrainer as it comes: fp32 weights + bf16 autocast, live reference (a second
+                       fp32 copy of the model, loaded by TRL itself)
+  trl_precompute       the same with ``precompute_ref_log_probs=True`` (one reference pass before training)
+  trl_bf16             bf16 weights (and so bf16 AdamW state), live reference: the low-memory way people run
+                       TRL; it drops lr-5e-7 updates (DESIGN §6), so it is a memory/speed reference point only
+  trl_liger            trl_default + ``use_liger_kernel=True`` (CUDA and liger-kernel only; otherwise it is
+                       reported as skipped with the reason, never an error)
+  fasttrain_precompute fasttrain, ``loss.reference=precompute`` (fp32 master weights, bf16 compute)
+  fasttrain_live       fasttrain, ``loss.reference=live``
+
+Every variant starts from the same initial weights: the model directory is written once (default: a random
+Qwen2-1.5B-shaped model — hidden 1536, 28 layers, 12 heads, 2 KV heads, FFN 8960, vocab 151936, tied
+embeddings — saved as bf16 safetensors, which every variant loads; fp32 variants upcast exactly), and each
+variant loads it afresh. By default each variant runs in its own Python process (``--worker``), so peak memory
+(``torch.cuda.max_memory_allocated``, reset at the start) is that variant's alone and no library state (Liger's
+patches, accelerate's singletons) leaks from one variant into the next. ``--in-process`` runs them in this
+process instead (fast start-up for the CPU smoke test).
+
+Data. Step-DPO records (DESIGN §2): a file (``--data``: JSONL / JSON / Parquet) or synthetic ones (seeded), shaped
+as DESIGN §7 says: the templated prompt ~U[96, 512] tokens, chosen and rejected steps ~U[16, 128] each. Synthetic
+text is made of words that are single tokens of the tokenizer, so lengths in tokens are what was drawn; the
+measured means are printed. Every trainer gets the same token ids: the records are tokenized once by fasttrain
+(template ``--template``, prompt + step tokenized jointly and split at the prompt, left-truncated prompts,
+``max_length``) and TRL is handed those ids (``prompt_ids``/``chosen_ids``/``rejected_ids``) — its own
+preprocessing would tokenize the same way but append EOS to each step, which Step-DPO does not do (a step is not
+the end of an answer). ``--steps N`` (default 16) trains ``warmup + N`` optimizer steps on the first
+``(warmup + N) x global batch`` pairs, so that all six variants of the 1.5B model should fit one 10-minute device
+command (an estimate from the issue's TRL rates plus ~40 s of start-up, loading and TRL's model hashing per
+variant; not yet run on a GPU: split the variants over two commands if it is tight); ``--steps 0`` trains one
+epoch of all pairs (2048 synthetic ones by default).
+
+Timing. The first ``--warmup-steps`` optimizer steps (default 2: CUDA/Triton/cuBLAS warm-up, allocator growth)
+are excluded; the clock starts at the end of the last warm-up step and stops at the end of the last step, each
+with a device synchronisation. Model loading, trainer construction, data preparation are never timed. The
+reference precompute pass (TRL's ``_precompute_ref_logps``, fasttrain's ``build_references``) is timed on its own,
+after one untimed forward of its first batch on each side (context, cuBLAS, Triton compilation), and reported
+separately; "amortised" pairs/s charges it to a recipe of ``--recipe-epochs`` epochs over the same
+data: ``1 / (1/r + t_pre / (n_pre * epochs))`` (r = steady pairs/s; live variants: amortised = r).
+
+Metrics per variant:
+  pairs/s        pairs trained per second in the timed steps
+  seq tok/s      tokens of each pair's two sequences, prompt+chosen and prompt+rejected, no padding: defined the
+                 same way for every variant (identical token ids); each trainer draws its own order, so the
+                 timed steps hold different pairs, and tok/s corrects pairs/s for their lengths
+  proc tok/s     tokens the trainer actually ran through the model, no padding: TRL the two sequences, fasttrain
+                 its packed stream (the shared prompt once)
+  MFU            model FLOPs needed for the processed tokens / (time x 785 TFLOP/s, the H100 dense bf16 ceiling
+                 measured here, DESIGN §6), with fasttrain's FlopModel (fasttrain/flops.py):
+                 6·P_blocks·tokens + 12·layers·(heads·head_dim)·attended_keys + 6·lm_rows·vocab·hidden, where
+                 tokens = processed tokens, attended_keys = causal keys per query summed (per sequence for TRL,
+                 per segment for fasttrain), lm_rows = rows predicting a step token (TRL 1.16's fused LM head
+                 computes exactly those too); a live reference adds the forward-only third. Not counted:
+                 padding, gradient-checkpointing recompute. TRL's second copy of each prompt is counted (it is
+                 processed work, though not needed work). n/a on a CPU.
+  peak GiB       torch.cuda.max_memory_allocated over the whole variant (precompute included); n/a on a CPU
+  first loss     the first optimizer step's mean pair loss; policy == reference there, so it must be ln 2 within
+                 ``--loss-tol`` (default 1e-3); "sane" also needs every logged loss and gradient norm finite
+  ratio          fasttrain pairs/s over each TRL variant's (steady, and amortised)
+
+TRL settings chosen (trl 1.16.0; every other DPOConfig/TrainingArguments field is TRL's default, e.g.
+optim=adamw_torch_fused (transformers 5; recorded per variant), weight_decay=0, max_grad_norm=1, sdpa attention, padded batches — ``padding_free=True``
+is refused by TRL 1.16 and falls back to padding):
+  per_device_train_batch_size=--batch, gradient_accumulation_steps=--grad-accum (global batch = fasttrain's
+  train.global_batch_pairs), learning_rate, beta, max_length as given; loss_type sigmoid (default);
+  lr_scheduler_type=cosine with warmup_steps=ceil(0.1 x steps) (fasttrain's schedule shape; throughput does not
+  depend on it); gradient_checkpointing=True (TRL's default; fasttrain checkpoints each block too);
+  bf16=True on CUDA (autocast over fp32 weights; False for fp32 precision on a CPU); logging_steps=1 (the first
+  step's loss is read from the log; TRL computes its logged metrics with host syncs every micro-batch anyway);
+  logging_nan_inf_filter=False (the default would hide a non-finite loss in the log); report_to=none,
+  save_strategy=no, eval_strategy=no, disable_tqdm=True; precompute_ref_batch_size unset (= batch).
+fasttrain settings: its config defaults (fasttrain/config.py: attention and LM-head backends "auto", activation
+checkpointing, ...) except global_batch_pairs = batch x grad_accum, lr, beta, max_length, max_prompt_length,
+compute dtype, epochs=1, warmup_ratio 0.1, log_every=1, tokens_per_micro_batch (--tokens-per-micro-batch); any
+other key with --fasttrain-set section.key=value. The optimizer and schedule are built as fasttrain/trainer.py
+builds them, and the steps run through its TrainLoop.
+
+Wheels for the GPU machine (no network there): ``benchmarks/fetch_wheels.sh`` downloads trl, datasets,
+liger-kernel and the dependencies the device image lacks into ``.whl/`` and prints the install line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.util
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Run from a plain checkout (the GPU machine has no editable install): the package and its kernels.
+if importlib.util.find_spec("fasttrain") is None:
+    sys.path.insert(0, str(REPO))
+if importlib.util.find_spec("fasttrain_kernels") is None:
+    sys.path.insert(0, str(REPO / "kernels"))
+
+H100_BF16_TFLOPS = 785.0  # dense bf16 matmul measured on the H100 here (DESIGN §6), as in fasttrain/trainer.py
+DEMO_TOKENIZER = REPO / "fasttrain" / "demo" / "model"
+TRL_VARIANTS = ("trl_default", "trl_precompute", "trl_bf16", "trl_liger")
+FASTTRAIN_VARIANTS = ("fasttrain_precompute", "fasttrain_live")
+ALL_VARIANTS = TRL_VARIANTS + FASTTRAIN_VARIANTS
+LIVE_REFERENCE = {"trl_default", "trl_bf16", "trl_liger", "fasttrain_live"}
+PRECOMPUTE = {"trl_precompute", "fasttrain_precompute"}
+# fasttrain variant -> the TRL variant of the same precision and reference kind (the memory target)
+MEMORY_TARGET = {"fasttrain_live": "trl_default", "fasttrain_precompute": "trl_precompute"}
+TARGET_PAIRS_PER_S = 60.0
+TRL_VERSION = "1.16."  # the DPOTrainer internals the hooks below rely on (setup.py's bench extra pins it)
+
+
+class BenchError(Exception):
+    """A problem with the arguments, model or data: one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What is benchmarked
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int | None  # None: the tokenizer's size
+    max_position: int = 32768
+    rope_theta: float = 1_000_000.0
+
+
+QWEN2_1_5B = ModelShape(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936)
+TINY = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=None, max_position=4096)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults for the flags the user did not give (the full benchmark, or --smoke)."""
+
+    shape: ModelShape
+    pairs: int
+    batch: int
+    grad_accum: int
+    max_length: int
+    max_prompt_length: int
+    tokens_per_micro_batch: int
+    warmup_steps: int
+    steps: int
+    prompt_tokens: tuple[int, int]  # synthetic templated-prompt length, uniform [min, max]
+    step_tokens: tuple[int, int]  # synthetic chosen / rejected step length, uniform [min, max]
+
+
+FULL = Preset(QWEN2_1_5B, pairs=2048, batch=8, grad_accum=2, max_length=1024, max_prompt_length=512,
+              tokens_per_micro_batch=8192, warmup_steps=2, steps=16, prompt_tokens=(96, 512), step_tokens=(16, 128))
+SMOKE = Preset(TINY, pairs=24, batch=4, grad_accum=2, max_length=128, max_prompt_length=96,
+               tokens_per_micro_batch=512, warmup_steps=1, steps=2, prompt_tokens=(40, 80), step_tokens=(4, 16))
+
+
+@dataclass
+class BenchSpec:
+    """Everything a variant needs; written as JSON for the worker processes."""
+
+    model_dir: str
+    tokenizer_dir: str
+    data_path: str
+    template: str
+    num_pairs: int  # pairs handed to every trainer: total_steps x global batch, the first of the file
+    batch: int
+    grad_accum: int
+    lr: float
+    beta: float
+    max_length: int
+    max_prompt_length: int
+    warmup_steps: int  # optimizer steps excluded from timing
+    total_steps: int  # optimizer steps trained (warm-up included)
+    precision: str  # bf16 (CUDA: bf16 compute over fp32 master weights) | fp32
+    seed: int
+    tokens_per_micro_batch: int
+    fasttrain_overrides: list[str]  # section.key=value applied last (--fasttrain-set)
+    recipe_epochs: float
+    loss_tol: float
+    work_dir: str
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.grad_accum
+
+    @property
+    def timed_steps(self) -> int:
+        return self.total_steps - self.warmup_steps
+
+
+@dataclass
+class VariantResult:
+    name: str
+    status: str  # ok | skipped | failed
+    reason: str = ""
+    device: str = ""
+    timed_steps: int = 0
+    timed_pairs: int = 0
+    timed_s: float = 0.0
+    pairs_per_s: float | None = None
+    seq_tokens_per_s: float | None = None
+    processed_tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_gib: float | None = None
+    padding_fraction: float | None = None  # TRL: pad tokens / padded batch tokens in the timed steps
+    first_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    all_finite: bool | None = None
+    sane: bool | None = None
+    precompute_s: float | None = None
+    precompute_pairs: int | None = None
+    amortised_pairs_per_s: float | None = None
+    settings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    @staticmethod
+    def from_dict(d: dict) -> VariantResult:
+        return VariantResult(**d)
+
+
+@dataclass(frozen=True)
+class WorkCount:
+    """What the timed steps computed: pairs, sequence tokens, processed tokens, model FLOPs."""
+
+    pairs: int
+    seq_tokens: int
+    processed_tokens: int
+    flops: float
+    padded_tokens: int | None = None  # TRL only
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+def device_sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "datasets", "accelerate", "liger-kernel", "triton"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def load_pairs(spec: BenchSpec, tokenizer):
+    """fasttrain's tokenization of the data file, cut to the first ``spec.num_pairs`` pairs."""
+    from fasttrain.data import TokenizedPairs, prepare_dataset
+
+    data = prepare_dataset(spec.data_path, tokenizer, template=spec.template, max_length=spec.max_length,
+                           max_prompt_length=spec.max_prompt_length)
+    if len(data) < spec.num_pairs:
+        raise BenchError(f"{spec.data_path}: {len(data)} usable pairs, the run needs {spec.num_pairs}")
+    n = spec.num_pairs
+    return TokenizedPairs(data.prompts[:n], data.chosens[:n], data.rejecteds[:n], data.record_ids[:n], data.stats)
+
+
+def flop_model(spec: BenchSpec):
+    from fasttrain.flops import FlopModel
+    from fasttrain.model.config import ModelConfig
+
+    return FlopModel.of(ModelConfig.from_model_dir(spec.model_dir))
+
+
+def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed_s: float, device,
+                  losses: list[float], grad_norms: list[float]) -> VariantResult:
+    """Rates, MFU, peak memory and the loss sanity check from what a variant measured."""
+    import torch
+
+    result.timed_steps, result.timed_pairs, result.timed_s = spec.timed_steps, work.pairs, timed_s
+    result.pairs_per_s = work.pairs / timed_s
+    result.seq_tokens_per_s = work.seq_tokens / timed_s
+    result.processed_tokens_per_s = work.processed_tokens / timed_s
+    if work.padded_tokens:
+        result.padding_fraction = 1.0 - work.processed_tokens / work.padded_tokens
+    if device.type == "cuda":
+        result.mfu = work.flops / timed_s / (H100_BF16_TFLOPS * 1e12)
+        result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    result.losses = losses
+    result.first_loss = losses[0] if losses else None
+    result.all_finite = bool(losses) and all(math.isfinite(x) for x in losses + grad_norms)
+    result.sane = bool(result.all_finite and abs(result.first_loss - math.log(2)) <= spec.loss_tol)
+    result.amortised_pairs_per_s = result.pairs_per_s
+    if result.precompute_s is not None and result.precompute_pairs:
+        per_pair = result.precompute_s / result.precompute_pairs / spec.recipe_epochs
+        result.amortised_pairs_per_s = 1.0 / (1.0 / result.pairs_per_s + per_pair)
+    return result
+
+
+def skip_reason(name: str, spec: BenchSpec, device) -> str | None:
+    """Why a variant cannot run here (reported as skipped), or None."""
+    if name in TRL_VARIANTS and importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install 'fasttrain[bench]', or benchmarks/fetch_wheels.sh on the GPU machine)"
+    if name == "trl_liger":
+        if device.type != "cuda":
+            return "use_liger_kernel needs CUDA (Triton GPU kernels)"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MicroBatchStats:
+    seq_lengths: list[int]  # real tokens of each sequence (chosen half, then rejected half)
+    completion_tokens: int  # step tokens, = LM-head rows TRL's fused head computes
+    padded_tokens: int  # batch x padded length
+
+
+class CollatorRecorder:
+    """Wraps TRL's collator and records each micro-batch's real lengths (CPU tensors: no device sync).
+
+    Installed after the trainer is built, so the reference precompute's batches are not recorded; with
+    dataloader_num_workers=0 the training batches are collated in the order the steps consume them."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.batches: list[MicroBatchStats] = []
+
+    def __call__(self, features, *args, **kwargs):
+        out = self.inner(features, *args, **kwargs)
+        self.batches.append(MicroBatchStats(
+            seq_lengths=[int(x) for x in out["attention_mask"].sum(dim=1).tolist()],
+            completion_tokens=int(out["completion_mask"].sum()),
+            padded_tokens=int(out["input_ids"].numel()),
+        ))
+        return out
+
+
+def trl_work(spec: BenchSpec, batches: list[MicroBatchStats], live_reference: bool) -> WorkCount:
+    timed = batches[spec.warmup_steps * spec.grad_accum: spec.total_steps * spec.grad_accum]
+    if len(timed) != spec.timed_steps * spec.grad_accum:
+        raise RuntimeError(f"recorded {len(batches)} TRL micro-batches, expected "
+                           f"{spec.total_steps * spec.grad_accum} ({spec.total_steps} steps x {spec.grad_accum})")
+    fm = flop_model(spec)
+    pairs = seq_tokens = padded = 0
+    flops = 0.0
+    for mb in timed:
+        tokens = sum(mb.seq_lengths)
+        attended = sum(n * (n + 1) // 2 for n in mb.seq_lengths)
+        flops += fm.batch(tokens, attended, mb.completion_tokens, True)
+        if live_reference:
+            flops += fm.batch(tokens, attended, mb.completion_tokens, False)
+        pairs += len(mb.seq_lengths) // 2
+        seq_tokens += tokens
+        padded += mb.padded_tokens
+    return WorkCount(pairs, seq_tokens, seq_tokens, flops, padded)
+
+
+def make_trl_trainer_class():
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
+
+    class BenchDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer with two benchmark hooks; the training loop is TRL's own."""
+
+        precompute_s: float = 0.0
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # The dataset already holds fasttrain's token ids (the same ids for every variant); TRL's own
+            # preprocessing would tokenize the same way but append EOS after each step.
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            self._warm_up_reference(dataset, batch_size)
+            device_sync(self.args.device)
+            t0 = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            device_sync(self.args.device)
+            self.precompute_s += time.perf_counter() - t0
+            return out
+
+        def _warm_up_reference(self, dataset, batch_size):
+            """One untimed reference forward on the first batch (CUDA context, cuBLAS handles, kernel choice),
+            as fasttrain gets one and as the training steps have their untimed warm-up."""
+            examples = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+            batch = {k: v.to(self.accelerator.device) for k, v in self.data_collator(examples).items()}
+            self.compute_ref_log_probs(self.ref_model or self.model, batch)
+
+    class StepClock(TrainerCallback):
+        """Synchronised timestamps at the end of every optimizer step; the logged loss and grad norm."""
+
+        def __init__(self, device):
+            self.device = device
+            self.step_end: list[float] = []
+            self.losses: list[float] = []
+            self.grad_norms: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            device_sync(self.device)
+            self.step_end.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:  # a training-step log (the end-of-training summary has train_loss)
+                self.losses.append(float(logs["loss"]))
+                if "grad_norm" in logs and logs["grad_norm"] is not None:
+                    self.grad_norms.append(float(logs["grad_norm"]))
+
+    return BenchDPOTrainer, StepClock
+
+
+def run_trl(spec: BenchSpec, name: str) -> VariantResult:
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import DPOConfig
+
+    if not trl.__version__.startswith(TRL_VERSION):
+        raise BenchError(f"this benchmark hooks into trl {TRL_VERSION}x's DPOTrainer (_prepare_dataset, "
+                         f"_precompute_ref_logps, compute_ref_log_probs); found trl {trl.__version__}")
+    transformers.logging.set_verbosity_warning()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
+    pairs = load_pairs(spec, tokenizer)
+    dataset = Dataset.from_dict({
+        "prompt_ids": [p.tolist() for p in pairs.prompts],
+        "chosen_ids": [c.tolist() for c in pairs.chosens],
+        "rejected_ids": [r.tolist() for r in pairs.rejecteds],
+    })
+    weights_dtype = torch.bfloat16 if name == "trl_bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=weights_dtype)
+    precompute = name in PRECOMPUTE
+    args = DPOConfig(
+        output_dir=str(Path(spec.work_dir) / name / "trl_output"),
+        per_device_train_batch_size=spec.batch,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.lr,
+        beta=spec.beta,
+        max_length=spec.max_length,
+        num_train_epochs=1,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(0.1 * spec.total_steps),
+        gradient_checkpointing=True,
+        bf16=spec.precision == "bf16",
+        use_cpu=device.type == "cpu",  # transformers refuses bf16 autocast on a CPU unless told so
+        precompute_ref_log_probs=precompute,
+        use_liger_kernel=name == "trl_liger",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        seed=spec.seed,
+    )
+    trainer_cls, clock_cls = make_trl_trainer_class()
+    clock = clock_cls(device)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # one printed dict per step; the clock keeps what we need
+    recorder = CollatorRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    trainer.train()
+
+    if len(clock.step_end) != spec.total_steps:
+        raise RuntimeError(f"TRL ran {len(clock.step_end)} optimizer steps, expected {spec.total_steps}")
+    timed_s = clock.step_end[-1] - clock.step_end[spec.warmup_steps - 1]
+    result = VariantResult(name, "ok", device=device_name(device), versions=package_versions())
+    if precompute:
+        result.precompute_s, result.precompute_pairs = trainer.precompute_s, len(dataset)
+    result.settings = {
+        "weights": str(weights_dtype).removeprefix("torch."), "bf16_autocast": args.bf16,
+        "reference": "precompute" if precompute else "live", "use_liger_kernel": args.use_liger_kernel,
+        "optim": str(args.optim), "attn_implementation": model.config._attn_implementation,
+        "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
+        "global_batch": spec.global_batch,
+    }
+    work = trl_work(spec, recorder.batches, live_reference=name in LIVE_REFERENCE)
+    result = finish_result(result, spec, work, timed_s, device, clock.losses, clock.grad_norms)
+    del trainer, model
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# fasttrain
+# ----------------------------------------------------------------------------------------------
+def fasttrain_config(spec: BenchSpec, reference: str, out_dir: Path):
+    """The run config: fasttrain's defaults (so the benchmark follows the trainer's), the comparison's
+    settings, then the user's --fasttrain-set overrides; checked by fasttrain's own validation."""
+    from fasttrain.config import load_config
+
+    ours = {
+        "model.path": spec.model_dir, "model.tokenizer": spec.tokenizer_dir,
+        "model.compute_dtype": "bfloat16" if spec.precision == "bf16" else "float32",
+        "data.train": spec.data_path, "data.template": spec.template, "data.max_length": spec.max_length,
+        "data.max_prompt_length": spec.max_prompt_length,
+        "data.cache_dir": out_dir / "cache",  # fresh: the reference table is really computed
+        "loss.beta": repr(spec.beta), "loss.reference": reference,
+        "train.output_dir": out_dir, "train.epochs": 1, "train.global_batch_pairs": spec.global_batch,
+        "train.tokens_per_micro_batch": spec.tokens_per_micro_batch, "train.lr": repr(spec.lr),
+        "train.warmup_ratio": 0.1, "train.seed": spec.seed, "train.log_every": 1, "train.progress_bar": "false",
+        "train.tensorboard": "false", "train.plot": "false", "train.save_final": "false",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in ours.items()] + list(spec.fasttrain_overrides))
+    cfg.validate()
+    return cfg
+
+
+class StepRecorder:
+    """Stands in for fasttrain's MetricsLogger: keeps the rows and starts the clock, with a device
+    synchronisation, when the last warm-up step's row arrives (the loop syncs once per step anyway)."""
+
+    def __init__(self, device, warmup_steps: int):
+        self.device, self.warmup_steps = device, warmup_steps
+        self.rows: list[dict] = []
+        self.t_start: float | None = None
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) == self.warmup_steps:
+            device_sync(self.device)
+            self.t_start = time.perf_counter()
+
+    def close(self) -> None:
+        pass
+
+
+def fasttrain_work(spec: BenchSpec, plans, live_reference: bool) -> WorkCount:
+    """Re-pack the timed steps' micro-batches on the host to count their tokens and FLOPs exactly as the
+    trainer does (fasttrain/trainer.py run_micro_batch)."""
+    from fasttrain.packing import pack_groups
+
+    fm = flop_model(spec)
+    pairs = seq_tokens = processed = 0
+    flops = 0.0
+    for plan in plans[spec.warmup_steps:]:
+        for groups in plan.micro_batches[0]:  # one rank
+            batch = pack_groups(groups)
+            rows = int(batch.lp_rows_N.numel())
+            flops += fm.batch(batch.num_tokens, batch.num_attended_keys, rows, True)
+            if live_reference:
+                flops += fm.batch(batch.num_tokens, batch.num_attended_keys, rows, False)
+            processed += batch.num_tokens
+            for g in groups:
+                p = len(g.prompt_ids)
+                for pr in g.pairs:
+                    seq_tokens += 2 * p + len(g.continuations[pr.chosen]) + len(g.continuations[pr.rejected])
+                    pairs += 1
+    return WorkCount(pairs, seq_tokens, processed, flops)
+
+
+def warm_up_forward(model, data, spec: BenchSpec, device) -> None:
+    """One untimed no-grad pass over the precompute's first micro-batch (CUDA context, cuBLAS handles, Triton
+    compilation of the LM head), as TRL gets one: the timed precompute is then the steady pass."""
+    from fasttrain.building import groups_of
+    from fasttrain.reference import compute_pair_logps
+    from fasttrain.schedule import plan_inference
+
+    first = plan_inference(groups_of(data), 1, spec.tokens_per_micro_batch)[0][:1]
+    compute_pair_logps(model, first, len(data), device)
+
+
+def show_fasttrain_log() -> None:
+    """fasttrain's own INFO lines (backends, reference pass) on stderr, without turning on every library's
+    INFO logging as a root-logger setup would. Worker processes only: in process (tests), logging is left as
+    the host set it up."""
+    log = logging.getLogger("fasttrain")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[fasttrain %(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
+    import torch
+    import torch.distributed as dist
+
+    from fasttrain import distributed as fdist
+    from fasttrain.attention import resolve_backend
+    from fasttrain.building import (
+        build_references,
+        build_sharded_model,
+        groups_of,
+        load_tokenizer,
+    )
+    from fasttrain.faults import Faults
+    from fasttrain.flops import FlopModel
+    from fasttrain.reference import model_fingerprint
+    from fasttrain.schedule import plan_steps
+    from fasttrain.trainer import TrainLoop, build_optimizer
+
+    reference = "precompute" if name in PRECOMPUTE else "live"
+    out_dir = Path(spec.work_dir) / name
+    cfg = fasttrain_config(spec, reference, out_dir)
+    owns_group = not dist.is_initialized()
+    dist_info = fdist.init_distributed()
+    try:
+        if dist_info.world_size != 1:
+            raise BenchError("the fasttrain variants run on one GPU: do not start this benchmark under torchrun")
+        device = dist_info.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        backend = resolve_backend(cfg.model.attention_backend, device)
+        data = load_pairs(spec, load_tokenizer(spec.tokenizer_dir))
+        plans = plan_steps(groups_of(data), spec.global_batch, 1, spec.tokens_per_micro_batch, spec.seed, 1.0)
+        if len(plans) != spec.total_steps:
+            raise RuntimeError(f"fasttrain planned {len(plans)} steps, expected {spec.total_steps}")
+        model = build_sharded_model(cfg, dist_info, backend, trainable=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = build_optimizer(cfg, params, total_steps=len(plans))
+        model_fp = model_fingerprint(spec.model_dir)
+
+        if reference == "precompute":
+            warm_up_forward(model, data, spec, device)
+        device_sync(device)
+        t0 = time.perf_counter()
+        refs = build_references(cfg, dist_info, backend, model, data, None, {}, model_fp)
+        device_sync(device)
+        precompute_s = time.perf_counter() - t0
+
+        recorder = StepRecorder(device, spec.warmup_steps)
+        loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, params, refs.train, FlopModel.of(model.config),
+                         recorder, Faults())
+        loop.run(plans, len(plans), lambda step: {}, lambda step: None, lambda step: None)
+        device_sync(device)
+        t_end = time.perf_counter()
+        if recorder.t_start is None:
+            raise RuntimeError(f"only {len(recorder.rows)} steps logged (skipped: {loop.skipped_steps}); "
+                               f"the clock never started")
+
+        result = VariantResult(name, "ok", device=device_name(device), versions=package_versions())
+        if reference == "precompute":
+            result.precompute_s, result.precompute_pairs = precompute_s, len(data)
+        result.settings = {
+            "master_weights": "float32", "reference": reference, "attention_backend": backend,
+            "lm_head_impl_resolved": getattr(model, "lm_head_impl", cfg.model.lm_head_impl),
+            "global_batch": spec.global_batch, "micro_batches_per_step": [p.num_micro_batches for p in plans],
+            "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
+            "config": cfg.to_dict(),
+        }
+        losses = [row["loss"] for row in recorder.rows]
+        grad_norms = [row["grad_norm"] for row in recorder.rows]
+        if loop.skipped_steps:  # a skipped (non-finite) step has no row: make the sanity check see it
+            losses.append(float("nan"))
+        work = fasttrain_work(spec, plans, live_reference=name in LIVE_REFERENCE)
+        result = finish_result(result, spec, work, t_end - recorder.t_start, device, losses, grad_norms)
+        del loop, refs, optimizer, model
+        return result
+    finally:
+        if owns_group:
+            fdist.cleanup()
+
+
+# ----------------------------------------------------------------------------------------------
+# Running variants (in this process or one worker process each)
+# ----------------------------------------------------------------------------------------------
+def run_variant(spec: BenchSpec, name: str) -> VariantResult:
+    import torch
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    reason = skip_reason(name, spec, device)
+    if reason:
+        return VariantResult(name, "skipped", reason=reason)
+    try:
+        return run_trl(spec, name) if name in TRL_VARIANTS else run_fasttrain(spec, name)
+    except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others' numbers
+        traceback.print_exc()
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        return VariantResult(name, "failed", reason=f"{type(e).__name__}: {first}"[:300])
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# Nothing here may reach the network (the GPU machine has none: a hub lookup would only wait for a timeout);
+# TRL's precompute progress bar and tokenizer threads would only add noise.
+QUIET_OFFLINE_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                     "TQDM_DISABLE": "1"}
+
+
+def run_in_worker(spec_path: Path, name: str) -> VariantResult:
+    result_path = spec_path.parent / f"result-{name}.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each worker is its own one-rank run
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path),
+           "--result", str(result_path)]
+    proc = subprocess.run(cmd, env=env, check=False)  # a failed worker is reported, not raised
+    if not result_path.is_file():
+        return VariantResult(name, "failed", reason=f"worker exited with code {proc.returncode} and no result "
+                                                    "(its output is above)")
+    return VariantResult.from_dict(json.loads(result_path.read_text()))
+
+
+def worker_main(name: str, spec_path: str, result_path: str) -> int:
+    spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
+    show_fasttrain_log()
+    result = run_variant(spec, name)
+    Path(result_path).write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and data preparation (this process, CPU only)
+# ----------------------------------------------------------------------------------------------
+def write_random_model(out: Path, shape: ModelShape, tokenizer, seed: int) -> None:
+    """A Qwen2-architecture model with random weights (seeded), saved as bf16 safetensors + config.json +
+    the tokenizer, so every trainer loads the identical initial weights from disk."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    vocab = shape.vocab or len(tokenizer)
+    if len(tokenizer) > vocab:
+        raise BenchError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab {vocab}")
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_position, rope_theta=shape.rope_theta, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.02,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+    gc.collect()
+
+
+def single_token_words(tokenizer, seed: int, want: int = 2000) -> list[str]:
+    """Words ' abc' that the tokenizer encodes as exactly one token, so synthetic lengths are in tokens."""
+    import numpy as np
+
+    ids = np.random.default_rng(seed).permutation(len(tokenizer))
+    words: list[str] = []
+    for i in ids.tolist():
+        text = tokenizer.decode([i])
+        body = text[1:]
+        is_word = len(text) >= 3 and text[0] == " " and body.isascii() and body.isalpha()
+        if is_word and tokenizer.encode(text, add_special_tokens=False) == [i]:
+            words.append(text)
+            if len(words) >= want:
+                break
+    if len(words) < 50:
+        raise BenchError(f"the tokenizer has only {len(words)} single-token words (' abc'); synthetic data "
+                         "needs at least 50: pass --data")
+    return words
+
+
+def make_synthetic_records(tokenizer, template: str, n: int, prompt_tokens: tuple[int, int],
+                           step_tokens: tuple[int, int], seed: int) -> list[dict]:
+    """Step-DPO records whose templated prompt has ~U[prompt_tokens] tokens and whose chosen and
+    rejected steps have ~U[step_tokens] tokens each (DESIGN §7's shape)."""
+    import numpy as np
+
+    from fasttrain.data import render_prompt
+
+    words = single_token_words(tokenizer, seed)
+    rng = np.random.default_rng([seed, 1])
+    head, tail = "Let's think step by step.\nStep 1:", "\nStep 2:"
+    overhead = len(tokenizer.encode(render_prompt(template, "", head + tail, tokenizer), add_special_tokens=False))
+
+    def text(k: int) -> str:
+        return "".join(words[j] for j in rng.integers(0, len(words), size=k))
+
+    records = []
+    for i in range(n):
+        body = max(2, int(rng.integers(prompt_tokens[0], prompt_tokens[1] + 1)) - overhead)
+        problem = int(body * 0.6)
+        chosen = rejected = ""
+        while chosen == rejected:
+            chosen = text(int(rng.integers(step_tokens[0], step_tokens[1] + 1)))
+            rejected = text(int(rng.integers(step_tokens[0], step_tokens[1] + 1)))
+        records.append({"id": f"synthetic-{i}", "prompt": text(problem).lstrip(),
+                        "initial_reason_steps": head + text(body - problem) + tail,
+                        "chosen": chosen, "rejected": rejected})
+    return records
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    source: str
+    pairs: int
+    mean_prompt: float
+    mean_chosen: float
+    mean_rejected: float
+    truncations: str
+
+
+def summarize_data(spec: BenchSpec, source: str) -> DataSummary:
+    from transformers import AutoTokenizer
+
+    pairs = load_pairs(spec, AutoTokenizer.from_pretrained(spec.tokenizer_dir))
+    def mean(seqs) -> float:
+        return sum(len(s) for s in seqs) / len(seqs)
+
+    return DataSummary(source, len(pairs), mean(pairs.prompts), mean(pairs.chosens), mean(pairs.rejecteds),
+                       pairs.stats.summary())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------
+def _num(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def results_table(results: list[VariantResult]) -> list[str]:
+    head = ["variant", "status", "pairs/s", "amort.", "seq tok/s", "proc tok/s", "MFU", "peak GiB", "pad",
+            "first loss", "sane", "precomp s"]
+    rows = [head]
+    for r in results:
+        if r.status != "ok":
+            rows.append([r.name, f"{r.status}: {r.reason}"])  # a short row: printed as one line
+            continue
+        rows.append([
+            r.name, "ok", _num(r.pairs_per_s, ".2f"), _num(r.amortised_pairs_per_s, ".2f"),
+            _num(r.seq_tokens_per_s, ",.0f"), _num(r.processed_tokens_per_s, ",.0f"),
+            "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%", _num(r.peak_gib, ".1f"),
+            "–" if r.padding_fraction is None else f"{100 * r.padding_fraction:.0f}%",
+            _num(r.first_loss, ".4f"), "yes" if r.sane else "NO", _num(r.precompute_s, ".1f") if r.precompute_s
+            is not None else "–",
+        ])
+    return rows
+
+
+def ratio_table(results: list[VariantResult]) -> list[list[str]]:
+    ok = {r.name: r for r in results if r.status == "ok"}
+    trl = [n for n in TRL_VARIANTS if n in ok]
+    fast = [n for n in FASTTRAIN_VARIANTS if n in ok]
+    if not trl or not fast:
+        return []
+    rows = [["fasttrain / TRL (pairs/s; amortised)"] + trl]
+    for f in fast:
+        rows.append([f] + [f"{ok[f].pairs_per_s / ok[t].pairs_per_s:.2f}x; "
+                           f"{ok[f].amortised_pairs_per_s / ok[t].amortised_pairs_per_s:.2f}x" for t in trl])
+    return rows
+
+
+def format_plain(rows: list[list[str]]) -> str:
+    full = [row for row in rows if len(row) == len(rows[0])]
+    widths = [max(len(row[0]) for row in rows)] + [max(len(row[i]) for row in full) for i in range(1, len(rows[0]))]
+    lines = []
+    for row in rows:
+        if len(row) < len(rows[0]):
+            lines.append("  ".join([row[0].ljust(widths[0])] + row[1:]))
+        else:
+            lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(row + [""] * (len(rows[0]) - len(row))) + " |" for row in rows[1:]]
+    return "\n".join(out)
+
+
+def target_lines(results: list[VariantResult]) -> list[str]:
+    ok = {r.name: r for r in results if r.status == "ok"}
+    lines = []
+    for fast, trl in MEMORY_TARGET.items():
+        if fast in ok and trl in ok and ok[fast].peak_gib is not None and ok[trl].peak_gib is not None:
+            f, t = ok[fast], ok[trl]
+            met = f.pairs_per_s >= TARGET_PAIRS_PER_S and f.peak_gib <= t.peak_gib
+            lines.append(f"target ({fast}): >= {TARGET_PAIRS_PER_S:.0f} pairs/s at peak <= {trl}'s "
+                         f"{t.peak_gib:.1f} GiB: {f.pairs_per_s:.1f} pairs/s, {f.peak_gib:.1f} GiB -> "
+                         f"{'met' if met else 'NOT met'}")
+    return lines
+
+
+def git_commit() -> str:
+    """Read-only: the checked-out commit and whether tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git checkout here)"
+
+
+def report_header(spec: BenchSpec, data: DataSummary, model_desc: str, results: list[VariantResult],
+                  command: str) -> list[str]:
+    first_ok = next((r for r in results if r.status == "ok"), None)
+    versions = first_ok.versions if first_ok else package_versions()
+    card = first_ok.device if first_ok else "?"
+    return [
+        f"date {datetime.date.today().isoformat()}, card {card}, commit {git_commit()}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"command: {command}",
+        f"model: {model_desc}",
+        (f"data: {data.source}; {data.pairs} pairs used, mean tokens prompt {data.mean_prompt:.0f} / chosen "
+         f"{data.mean_chosen:.0f} / rejected {data.mean_rejected:.0f}; {data.truncations}"),
+        (f"batch {spec.batch} x accumulation {spec.grad_accum} = {spec.global_batch} pairs/step, lr {spec.lr:g}, "
+         f"beta {spec.beta:g}, max_length {spec.max_length}, precision {spec.precision}; {spec.total_steps} steps, "
+         f"the first {spec.warmup_steps} untimed; amortised over {spec.recipe_epochs:g} epochs"),
+    ]
+
+
+FOOTNOTE = (
+    "pairs/s and tok/s over the timed steps; amort. = pairs/s with the reference precompute charged to the recipe's "
+    "epochs; seq tok/s counts prompt+chosen and prompt+rejected (no padding), proc tok/s what the trainer ran "
+    "(fasttrain: the prompt once); MFU = FlopModel FLOPs of the processed tokens (6*P_blocks*T + 12*L*H*d*keys + "
+    "6*step_rows*V*D, + forward-only third for a live reference) / (time x 785 TFLOP/s); pad = padding share of "
+    "TRL's batches; sane = all losses and grad norms finite and first loss = ln 2 within the tolerance.")
+
+
+def write_outputs(args, spec: BenchSpec, data: DataSummary, model_desc: str, results: list[VariantResult]) -> None:
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + sys.argv[1:])
+    header = report_header(spec, data, model_desc, results, command)
+    table, ratios = results_table(results), ratio_table(results)
+    print("\n" + "\n".join(header))
+    print("\n" + format_plain(table))
+    if ratios:
+        print("\n" + format_plain(ratios))
+    for line in target_lines(results):
+        print(line)
+    print("\n" + FOOTNOTE)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({
+            "header": header, "spec": dataclasses.asdict(spec), "data": dataclasses.asdict(data),
+            "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+    if args.md_out:
+        md = ["### fasttrain vs TRL DPOTrainer", ""] + [f"- {line}" for line in header] + ["", format_markdown(table)]
+        if ratios:
+            md += ["", format_markdown(ratios)]
+        md += [""] + [f"- {line}" for line in target_lines(results)] + ["", FOOTNOTE, ""]
+        Path(args.md_out).write_text("\n".join(md))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def _int_pair(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN,MAX (integers)") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < MIN <= MAX")
+    return lo, hi
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF model directory (default: a random Qwen2-1.5B-shaped model made here)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model's, else fasttrain's demo tokenizer)")
+    p.add_argument("--data", help="Step-DPO records (JSONL / JSON / Parquet); default: synthetic (DESIGN §7)")
+    p.add_argument("--template", default="qwen2-boxed", help="fasttrain prompt template (default qwen2-boxed)")
+    p.add_argument("--pairs", type=int, help="synthetic pairs to make (default 2048; smoke 24)")
+    p.add_argument("--prompt-tokens", type=_int_pair, help="synthetic templated prompt length MIN,MAX (96,512)")
+    p.add_argument("--step-tokens", type=_int_pair, help="synthetic step length MIN,MAX (16,128)")
+    p.add_argument("--batch", type=int, help="pairs per micro-batch for TRL (default 8; smoke 4)")
+    p.add_argument("--grad-accum", type=int, help="TRL's gradient accumulation (default 2); fasttrain's global batch "
+                                                  "is batch x grad-accum pairs")
+    p.add_argument("--lr", type=float, default=5e-7, help="learning rate (default 5e-7, the Step-DPO recipe's)")
+    p.add_argument("--beta", type=float, default=0.4, help="DPO beta (default 0.4)")
+    p.add_argument("--max-length", type=int, help="prompt + step tokens (default 1024; smoke 128)")
+    p.add_argument("--max-prompt-length", type=int, help="fasttrain's prompt cut (default 512; smoke 96)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps (default 16; smoke 2; 0: one epoch of all pairs)")
+    p.add_argument("--warmup-steps", type=int, help="untimed optimizer steps first (default 2; smoke 1)")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on CUDA (bf16 compute, fp32 master weights), fp32 on a CPU")
+    p.add_argument("--seed", type=int, default=42, help="model init, synthetic data and data order")
+    p.add_argument("--tokens-per-micro-batch", type=int, help="fasttrain's token budget (default 8192; smoke 512)")
+    p.add_argument("--fasttrain-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a fasttrain config override for its variants, e.g. model.lm_head_impl=triton (repeatable)")
+    p.add_argument("--recipe-epochs", type=float, default=4.0, help="epochs the precompute is amortised over")
+    p.add_argument("--loss-tol", type=float, default=1e-3, help="|first loss - ln 2| allowed")
+    p.add_argument("--smoke", action="store_true", help="tiny model and data (CPU: seconds)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every variant in this process (no isolation of peak memory / library state)")
+    p.add_argument("--work-dir", help="where the model, data and outputs go (default: a temporary directory)")
+    p.add_argument("--keep-work-dir", action="store_true", help="do not delete the work directory at the end")
+    p.add_argument("--json-out", help="write every result as JSON here")
+    p.add_argument("--md-out", help="write a Markdown section for benchmarks/RESULTS.md here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class RunShape:
+    variants: list[str]
+    batch: int
+    grad_accum: int
+    warmup_steps: int
+    steps: int  # timed steps; 0: one epoch of all pairs
+    precision: str
+
+
+def resolve_run_shape(args, preset: Preset) -> RunShape:
+    import torch
+
+    from fasttrain.config import load_config
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown or not variants:
+        raise BenchError(f"--variants: unknown {unknown}; expected a comma list of {', '.join(ALL_VARIANTS)}")
+    batch, grad_accum = _pick(args.batch, preset.batch), _pick(args.grad_accum, preset.grad_accum)
+    warmup, steps = _pick(args.warmup_steps, preset.warmup_steps), _pick(args.steps, preset.steps)
+    if batch < 1 or grad_accum < 1 or warmup < 1 or steps < 0:
+        raise BenchError("--batch, --grad-accum and --warmup-steps must be >= 1, --steps >= 0")
+    load_config(None, list(args.fasttrain_set))  # a bad --fasttrain-set key fails here, before any work
+    precision = args.precision if args.precision != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    return RunShape(variants, batch, grad_accum, warmup, steps, precision)
+
+
+def prepare_data(args, preset: Preset, tokenizer, work: Path) -> tuple[str, str, int]:
+    """(data file, description, usable pairs): the user's file, or synthetic records written to work/."""
+    if args.data:
+        from fasttrain.data import prepare_dataset
+
+        data_path = str(Path(args.data).resolve())
+        available = len(prepare_dataset(data_path, tokenizer, args.template, _pick(args.max_length, preset.max_length),
+                                        _pick(args.max_prompt_length, preset.max_prompt_length)))
+        return data_path, args.data, available
+    n = _pick(args.pairs, preset.pairs)
+    records = make_synthetic_records(tokenizer, args.template, n, _pick(args.prompt_tokens, preset.prompt_tokens),
+                                     _pick(args.step_tokens, preset.step_tokens), args.seed)
+    data_path = work / "synthetic.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(data_path), f"synthetic, seed {args.seed}", n
+
+
+def count_steps(shape: RunShape, available: int) -> int:
+    global_batch = shape.batch * shape.grad_accum
+    total = shape.warmup_steps + shape.steps if shape.steps else available // global_batch
+    if total * global_batch > available or total <= shape.warmup_steps:
+        wanted = f"--steps {shape.steps}" if shape.steps else "one epoch"
+        raise BenchError(f"{available} pairs give {available // global_batch} steps of {global_batch} pairs; the "
+                         f"run needs {shape.warmup_steps} warm-up + at least one timed step ({wanted})")
+    return total
+
+
+def check_vocab(model_dir: str, tokenizer) -> None:
+    from fasttrain.building import check_model_source
+
+    vocab = check_model_source(model_dir).vocab_size
+    if len(tokenizer) > vocab:
+        raise BenchError(f"the tokenizer has {len(tokenizer)} tokens but {model_dir}'s vocab_size is {vocab}")
+
+
+def prepare(args, work: Path) -> tuple[BenchSpec, DataSummary, str]:
+    """Resolve the flags, write the data file and the model (unless given); nothing touches a GPU here.
+    Everything that can be checked is checked before the (1.5B: slow) model is written."""
+    from transformers import AutoTokenizer
+
+    preset = SMOKE if args.smoke else FULL
+    shape = resolve_run_shape(args, preset)
+    if args.model:
+        model_dir, tokenizer_dir = str(Path(args.model).resolve()), str(Path(args.tokenizer or args.model).resolve())
+    else:
+        model_dir = str(work / "model")
+        tokenizer_dir = str(Path(args.tokenizer).resolve()) if args.tokenizer else str(DEMO_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if args.model:
+        check_vocab(model_dir, tokenizer)
+    data_path, source, available = prepare_data(args, preset, tokenizer, work)
+    total_steps = count_steps(shape, available)
+    spec = BenchSpec(
+        model_dir=model_dir, tokenizer_dir=model_dir if not args.model else tokenizer_dir, data_path=data_path,
+        template=args.template, num_pairs=total_steps * shape.batch * shape.grad_accum, batch=shape.batch,
+        grad_accum=shape.grad_accum, lr=args.lr, beta=args.beta, max_length=_pick(args.max_length, preset.max_length),
+        max_prompt_length=_pick(args.max_prompt_length, preset.max_prompt_length), warmup_steps=shape.warmup_steps,
+        total_steps=total_steps, precision=shape.precision, seed=args.seed,
+        tokens_per_micro_batch=_pick(args.tokens_per_micro_batch, preset.tokens_per_micro_batch),
+        fasttrain_overrides=list(args.fasttrain_set), recipe_epochs=args.recipe_epochs, loss_tol=args.loss_tol,
+        work_dir=str(work),
+    )
+    fasttrain_config(spec, "precompute", work / "config-check")  # config errors now, before the model is written
+    if args.model:
+        return spec, summarize_data(spec, source), args.model
+    m = preset.shape
+    print(f"writing a random {m} model to {model_dir} ...", flush=True)
+    write_random_model(Path(model_dir), m, tokenizer, args.seed)  # with the tokenizer files: tokenizer_dir
+    desc = (f"random Qwen2 (hidden {m.hidden}, {m.layers} layers, {m.heads} heads, {m.kv_heads} KV heads, FFN {m.ffn}, "
+            f"vocab {m.vocab or len(tokenizer)}, tied), seed {args.seed}; tokenizer "
+            f"{args.tokenizer or 'fasttrain demo (1024 tokens)'}")
+    return spec, summarize_data(spec, source), desc
+
+
+def main(argv=None) -> int:
+    for key, value in QUIET_OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.spec, args.result)
+    from fasttrain.config import ConfigError
+    from fasttrain.data.errors import DataError
+    from fasttrain.errors import UserError
+
+    work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_vs_trl-"))
+    if args.work_dir and work.exists() and any(work.iterdir()):
+        print(f"bench_vs_trl: error: --work-dir {work} is not empty", file=sys.stderr)
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            spec, data, model_desc = prepare(args, work)
+        except (BenchError, ConfigError, DataError, UserError) as e:
+            print(f"bench_vs_trl: error: {e}", file=sys.stderr)
+            return 2
+        spec_path = work / "spec.json"
+        spec_path.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        results = []
+        for name in variants:
+            print(f"\n=== {name} ({'in process' if args.in_process else 'worker process'}) ===", flush=True)
+            result = run_variant(spec, name) if args.in_process else run_in_worker(spec_path, name)
+            print(f"=== {name}: {result.status}"
+                  + (f", {result.pairs_per_s:.2f} pairs/s" if result.pairs_per_s else "")
+                  + (f" ({result.reason})" if result.reason else ""), flush=True)
+            results.append(result)
+        write_outputs(args, spec, data, model_desc, results)
+        bad = [r.name for r in results if r.status == "failed" or (r.status == "ok" and not r.sane)]
+        if bad:
+            print(f"\nfailed or not sane: {', '.join(bad)}", file=sys.stderr)
+        return 1 if bad else 0
+    finally:
+        if not args.keep_work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

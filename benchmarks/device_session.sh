@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the repo, in parts that each fit one 10-minute device command (the device
+# tool lends 30 minutes per session: run the parts in this order, stop where the budget ends).
+#
+#   bash benchmarks/device_session.sh correctness   # gpu-marked tests: attention backends, bf16 LM-head kernels,
+#                                                    # whole-model packed vs unpacked, 72B layers (~5 min)
+#   bash benchmarks/device_session.sh kernels       # bench_logprob (N x D grid, 5 implementations) (~6 min)
+#   bash benchmarks/device_session.sh step          # bench_step: 1.5B and 8B shapes, precomputed + live (~8 min)
+#   bash benchmarks/device_session.sh trl           # bench_vs_trl, all variants (~8 min; carry .whl, see below)
+#   bash benchmarks/device_session.sh rest          # project_72b + bench_generate (~5 min)
+#   bash benchmarks/device_session.sh sweep         # tile / chunk sweep of both LM-head kernels (~5 min)
+#
+# The GPU image has torch, triton and transformers but not this package: it runs from the tree through
+# PYTHONPATH. trl / datasets / liger-kernel travel as wheels: run benchmarks/fetch_wheels.sh here first, carry
+# ".whl", and the "trl" part installs them into /tmp/site. Logs and JSON go to $OUT (the device tool's folder).
+set -uo pipefail
+part=${1:?usage: device_session.sh correctness|kernels|step|trl|rest|sweep}
+OUT=${OUT:-/tmp/fasttrain-device}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+header() {
+    "$PY" - <<'EOF'
+import datetime, subprocess, torch, triton, transformers
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {card}  "
+      f"torch {torch.__version__}  triton {triton.__version__}  transformers {transformers.__version__}  "
+      f"commit {commit or 'n/a'}")
+EOF
+}
+
+run() {  # run NAME CMD...: tee the output to $OUT/NAME.log, keep going on failure, remember the status
+    local name=$1; shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+}
+
+header | tee -a "$OUT/summary.txt"
+case "$part" in
+correctness)
+    # the kernel and attention files whole (their small tests run compiled on the GPU), then every gpu test
+    run gpu_kernel_tests "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_lm_head_kernel.py \
+        tests/test_attention_gpu.py --junitxml "$OUT/gpu_kernel_tests.xml"
+    run gpu_tests "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs tests --junitxml "$OUT/gpu_tests.xml"
+    ;;
+kernels)
+    run bench_logprob "$PY" benchmarks/bench_logprob.py
+    ;;
+step)
+    run step_1p5b "$PY" benchmarks/bench_step.py --shape qwen2-1.5b --reference both --json "$OUT/step_1p5b.json"
+    run step_8b "$PY" benchmarks/bench_step.py --shape llama3-8b --reference both --json "$OUT/step_8b.json"
+    run step_8b_profile "$PY" benchmarks/bench_step.py --shape llama3-8b --reference precomputed --steps 2 --profile
+    ;;
+trl)
+    [ -d .whl ] || { echo "no .whl/: run benchmarks/fetch_wheels.sh here and carry .whl"; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 2
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    run bench_vs_trl "$PY" benchmarks/bench_vs_trl.py --json-out "$OUT/bench_vs_trl.json" --md-out "$OUT/bench_vs_trl.md"
+    ;;
+rest)
+    run project_72b "$PY" benchmarks/project_72b.py --json "$OUT/project_72b.json"
+    run bench_generate "$PY" benchmarks/bench_generate.py --json "$OUT/bench_generate.json"
+    ;;
+sweep)
+    run sweep "$PY" benchmarks/bench_logprob.py --sweep
+    ;;
+*)
+    echo "unknown part $part"; exit 2
+    ;;
+esac
+cat "$OUT/summary.txt"

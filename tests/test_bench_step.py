@@ -1,0 +1,72 @@
+"""benchmarks/bench_step.py: the smoke run goes end to end on the CPU through the real trainer step,
+and the pieces that decide what a GPU run measures (synthetic data, layer count) are sane."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench_step.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_on_cpu():
+    # A subprocess: the benchmark starts a (one-rank) process group, which must not leak into this one.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke"], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [r["reference"] for r in records] == ["precomputed", "live"], proc.stdout
+    for r in records:
+        assert r["shape"] == "tiny" and r["timed_steps"] == 2 and r["pairs"] == 2 * r["global_batch_pairs"]
+        assert r["pairs_per_s"] > 0 and r["tokens_per_s"] > 0 and r["tokens"] > 0 and r["flops"] > 0
+        # policy == reference at the start and the LR is still warming up: the DPO loss is ln 2
+        assert math.isfinite(r["loss"]) and abs(r["loss"] - math.log(2)) < 1e-2, r
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: n/a
+    live, pre = records[1], records[0]
+    assert live["flops"] > pre["flops"]  # the live reference's forward is counted
+    assert "MFU = FlopModel FLOPs" in proc.stdout and "n/a" in proc.stdout
+
+
+def test_synthetic_data_has_step_dpo_shape():
+    bench = load_bench()
+    lengths = bench.LengthModel("design")
+    groups = bench.synthetic_groups(400, 1000, lengths, share=0.25, seed=0)
+    assert sum(g.num_pairs for g in groups) == 400
+    prompts = np.array([len(g.prompt_ids) for g in groups])
+    steps = np.array([len(c) for g in groups for c in g.continuations])
+    assert 96 <= prompts.min() and prompts.max() <= 512 and 250 < prompts.mean() < 360
+    assert 16 <= steps.min() and steps.max() <= 128 and 55 < steps.mean() < 90
+    assert any(len(g.continuations) > 2 for g in groups)  # --share: prompts with several chosen steps
+    real = bench.synthetic_groups(2000, 1000, bench.LengthModel("real-estimate"), share=0.0, seed=0)
+    assert 200 < np.mean([len(g.prompt_ids) for g in real]) < 320
+    assert 30 < np.mean([len(c) for g in real for c in g.continuations]) < 60
+
+
+def test_auto_layers_fits_an_h100():
+    bench = load_bench()
+    h100 = 79 * 2**30
+    # Qwen2-1.5B: 1.5B params x 24 B is ~37 GB: every layer fits, with or without a live reference.
+    assert bench.auto_layers(bench.SHAPES["qwen2-1.5b"], live=True, checkpointing=True, token_budget=8192,
+                             total_bytes=h100) == 28
+    # Llama-3-8B: 8B x 20 B = 160 GB does not fit; the estimate keeps a handful of layers, fewer with a
+    # live reference or without activation checkpointing.
+    pre = bench.auto_layers(bench.SHAPES["llama3-8b"], False, True, 8192, h100)
+    live = bench.auto_layers(bench.SHAPES["llama3-8b"], True, True, 8192, h100)
+    no_ac = bench.auto_layers(bench.SHAPES["llama3-8b"], False, False, 8192, h100)
+    assert 4 <= live < pre <= 12 and no_ac < pre
