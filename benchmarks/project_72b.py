@@ -28,9 +28,10 @@ times, the model's parameter counts (``fasttrain.model.config.num_params``), the
   sharded fp32 params, grads and AdamW state live in host memory; every all-gather first copies its fp32 shard
   host-to-device (4 B/param/N over PCIe), every reduce-scatter copies its fp32 shard back, and AdamW runs on the
   CPU at the host memory bandwidth. Without offload AdamW runs on the GPU at HBM bandwidth.
-* Optimizer bytes/param: torch.optim.AdamW as the trainer builds it (non-fused): lerp 12 + mul 8 + addcmul 12 +
-  sqrt 8 + div 8 + add 8 + addcdiv 16 = 72 B, plus clip_grad_norm_ 12 B (norm read 4 + scale 8) = 84 B;
-  ``--adam fused`` (one pass: read p, g, m, v, write p, m, v = 28 B) gives 40 B.
+* Optimizer bytes/param: the trainer builds a fused AdamW on CUDA and on CPU-offloaded shards (one pass: read
+  p, g, m, v, write p, m, v = 28 B), plus clip_grad_norm_ 12 B (norm read 4 + scale 8) = 40 B (the default);
+  ``--adam torch`` models torch's for-each update instead: lerp 12 + mul 8 + addcmul 12 + sqrt 8 + div 8 +
+  add 8 + addcdiv 16 = 72 B, + 12 = 84 B.
 * Reference pass (``loss.reference=precompute``): forward-only over the 10,795 pairs once, at the token budget.
 
     python benchmarks/project_72b.py                       # measure on the GPU, project 8 and 32 GPUs
@@ -164,7 +165,7 @@ class Recipe:
 class Strategy:
     recompute: bool = True  # model.activation_checkpointing of the 72B config
     offload: str = "auto"  # auto (offload when the GPU plan does not fit) | on | off
-    adam_bytes_per_param: float = 84.0  # see the module docstring
+    adam_bytes_per_param: float = 40.0  # see the module docstring
 
 
 @dataclass
@@ -837,7 +838,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--card-gib", type=float, default=Cluster.card_gib)
     ap.add_argument("--reserve-gib", type=float, default=Cluster.reserve_gib)
     ap.add_argument("--offload", choices=("auto", "on", "off"), default="auto")
-    ap.add_argument("--adam", choices=("torch", "fused"), default="torch",
+    ap.add_argument("--adam", choices=("torch", "fused"), default="fused",
                     help="AdamW traffic: torch's non-fused update 72 B/param or a fused one 28 B/param (+12 clip)")
     ap.add_argument("--pairs", type=int, default=Recipe.pairs)
     ap.add_argument("--tokens-per-pair", type=float, default=None,

@@ -27,15 +27,25 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+def _backend(cpu_offload: bool) -> str:
+    """NCCL on GPUs; with CPU offload also gloo, because the offloaded gradients live on the CPU and
+    clip_grad_norm_'s all-reduce of their norms is a CPU collective (torchtitan does the same)."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+
+
+def init_distributed(timeout_minutes: float = 30.0, cpu_offload: bool = False) -> DistInfo:
+    """The process group and this rank's device. ``cpu_offload``: the optimizer will run on the CPU (FSDP2
+    CPUOffloadPolicy), which needs CPU collectives and this rank's share of the cores."""
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = _backend(cpu_offload)
+        if torch.cuda.is_available():
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank,
@@ -44,12 +54,12 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
         rank, world, local = 0, 1, 0
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(_backend(cpu_offload), store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
+    if device.type == "cpu" or cpu_offload:
         # N ranks on one CPU: give each its share of the cores; oversubscribed OpenMP threads spin
-        # (we saw sys time near user time with 2 ranks x 2 threads on 2 cores).
+        # (we saw sys time near user time with 2 ranks x 2 threads on 2 cores). With CPU offload on GPUs
+        # the AdamW step runs here, and torchrun's OMP_NUM_THREADS=1 would leave it on one core per rank.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, world, local, device)

@@ -160,7 +160,7 @@ def test_existing_output_dir_is_not_overwritten(tmp_path):
 @pytest.mark.parametrize(
     "override,needle",
     [("train.lr=fast", "train.lr"), ("train.bogus=1", "unknown key train.bogus"), ("loss.reference=maybe", "loss.reference"),
-     ("data.max_prompt_length=600", "data.max_prompt_length")],
+     ("data.max_prompt_length=600", "data.max_prompt_length"), ("model.cpu_offload=true", "model.cpu_offload")],
 )
 def test_bad_config_is_named(tmp_path, override, needle):
     result = run_fasttrain(["--config", str(DEMO / "demo.yaml"), f"train.output_dir={tmp_path / 'o'}", override])
