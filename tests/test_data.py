@@ -163,8 +163,8 @@ def test_broken_json_line_is_fatal_even_when_skipping(tmp_path):
 def test_unreadable_files(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: data file not found"):
         load_records(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match=r"data file not found"):
-        load_records(tmp_path)  # a directory
+    with pytest.raises(DataError, match=r"not one written by datasets' save_to_disk"):
+        load_records(tmp_path)  # a directory that is not a saved dataset
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,chosen\n")
     with pytest.raises(DataError, match=r"d\.csv: unknown data file extension '\.csv'; expected \.jsonl, \.json or \.parquet"):
@@ -223,6 +223,29 @@ def test_json_parquet_jsonl_give_identical_pairs(tmp_path, tokenizer):
     results = [tokenize_records(load_records(p), tokenizer, "qwen2-boxed", 256, 128) for p in (jsonl, array, table)]
     assert len(results[0]) == 50
     assert results[0] == results[1] == results[2]
+
+
+def test_saved_datasets_dataset_gives_identical_pairs(tmp_path, tokenizer):
+    datasets = pytest.importorskip("datasets")
+
+    rows = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()[:30]]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    via_jsonl = tokenize_records(load_records(jsonl), tokenizer, "qwen2-boxed", 256, 128)
+    assert tokenize_records(load_records(saved), tokenizer, "qwen2-boxed", 256, 128) == via_jsonl
+    # the tokenized cache key covers the directory's files: other rows, another key
+    key = dataset_fingerprint(saved, tokenizer, "qwen2-boxed", 256, 128, "step")
+    other = tmp_path / "other"
+    datasets.Dataset.from_list(rows[:29]).save_to_disk(str(other))
+    assert dataset_fingerprint(other, tokenizer, "qwen2-boxed", 256, 128, "step") != key
+    # a DatasetDict names its splits; a plain directory says what was expected
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"splits \['train'\]"):
+        load_records(tmp_path / "dd")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="save_to_disk"):
+        load_records(tmp_path / "plain")
 
 
 # ---------------------------------------------------------------- templates

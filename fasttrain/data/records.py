@@ -1,4 +1,5 @@
-"""Load Step-DPO records (DESIGN §2) from JSON Lines, JSON or Parquet and validate every field.
+"""Load Step-DPO records (DESIGN §2) from JSON Lines, JSON, Parquet or a saved `datasets` dataset, and
+validate every field.
 
 Every problem is reported as a DataError that names the file, the row and the field. Rows are
 counted the way an editor shows them: JSON Lines by 1-based line number, JSON arrays and Parquet
@@ -62,7 +63,8 @@ class RowLocation:
 
 
 def load_records(path: str | Path, mode: str = "step", skip_bad_rows: bool = False) -> RecordSet:
-    """Read and validate a Step-DPO data file (.jsonl, .json or .parquet).
+    """Read and validate a Step-DPO data file (.jsonl, .json or .parquet) or a directory written by
+    ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package).
 
     With ``skip_bad_rows`` a row with a missing, empty or mistyped field is skipped and listed in
     ``RecordSet.skipped``; a file that cannot be read or parsed as a whole still raises.
@@ -71,6 +73,8 @@ def load_records(path: str | Path, mode: str = "step", skip_bad_rows: bool = Fal
         raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
     source = str(path)
     path = Path(path)
+    if path.is_dir():
+        return records_from_rows(_read_saved_dataset(path, source), source, mode=mode, skip_bad_rows=skip_bad_rows)
     if not path.is_file():
         raise DataError(f"{source}: data file not found (or not a regular file)")
     suffix = path.suffix.lower()
@@ -179,6 +183,27 @@ def _read_parquet(path: Path, source: str) -> list[tuple[RowLocation, Any]]:
     except Exception as error:  # pyarrow raises several unrelated types for damaged files
         raise DataError(f"{source}: cannot read as Parquet ({type(error).__name__}: {error})") from None
     return [(RowLocation(source, index, "row"), obj) for index, obj in enumerate(table.to_pylist())]
+
+
+def _read_saved_dataset(path: Path, source: str) -> list[tuple[RowLocation, Any]]:
+    """Rows of a ``Dataset.save_to_disk`` directory (one split: a DatasetDict is refused with its splits)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"{source}: a saved DatasetDict with splits {splits}; point at one split's directory, "
+                        f"e.g. {path / (splits[0] if splits else 'train')}")
+    if not (path / "state.json").is_file():
+        raise DataError(f"{source}: a directory, but not one written by datasets' save_to_disk (no state.json); "
+                        "expected a .jsonl, .json or .parquet file or a saved dataset")
+    try:
+        import datasets  # lazy: only users of saved datasets need it
+    except ImportError:
+        raise DataError(f"{source}: reading a saved dataset needs the datasets package "
+                        "(`pip install datasets`)") from None
+    try:
+        table = datasets.load_from_disk(str(path))
+    except Exception as error:  # datasets raises several unrelated types for damaged directories
+        raise DataError(f"{source}: cannot load the saved dataset ({type(error).__name__}: {error})") from None
+    return [(RowLocation(source, index, "row"), dict(obj)) for index, obj in enumerate(table)]
 
 
 # ---------------------------------------------------------------- row validation

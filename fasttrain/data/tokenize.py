@@ -291,10 +291,15 @@ def dataset_fingerprint(path, tokenizer, template: str, max_length: int, max_pro
     ids contain it), the tokenizer's full definition, the template and the settings."""
     digest = hashlib.sha256()
     digest.update(f"fasttrain-tokenized-v{CACHE_FORMAT_VERSION}\0{Path(path).name}\0".encode())
+    # a saved dataset is a directory: every file in it, in a fixed order, with its relative name
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        for file in files:
+            if file != Path(path):
+                digest.update(f"\0{file.relative_to(path)}\0".encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023 (used at once)
+                    digest.update(chunk)
     except OSError as error:
         raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from None
     digest.update(_tokenizer_identity(tokenizer).encode())
