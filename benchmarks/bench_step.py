@@ -314,6 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attention", default="auto", help="model.attention_backend")
     ap.add_argument("--lm-head", default="auto", help="model.lm_head_impl")
     ap.add_argument("--no-activation-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="model.compile: torch.compile per decoder block "
+                    "(compiled during the warmup steps, which are not timed)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                     help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--seed", type=int, default=0)
@@ -335,6 +337,7 @@ def run_config(args, device: torch.device) -> RunConfig:
     cfg.model.attention_backend = args.attention
     cfg.model.lm_head_impl = args.lm_head
     cfg.model.activation_checkpointing = not args.no_activation_checkpointing
+    cfg.model.compile = args.compile
     cfg.model.compute_dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cfg.train.global_batch_pairs = args.global_batch_pairs
     cfg.train.tokens_per_micro_batch = args.tokens_per_micro_batch
@@ -403,7 +406,7 @@ def main(argv=None) -> int:
     summary = {"shape": args.shape, "layers": layers, "layers_note": layers_note,
                "params": num_params(model_cfg), "device": device_name(device), "torch": torch.__version__,
                "attention": backend, "lm_head": lm_head, "compute_dtype": cfg.model.compute_dtype,
-               "activation_checkpointing": cfg.model.activation_checkpointing,
+               "activation_checkpointing": cfg.model.activation_checkpointing, "compile": cfg.model.compile,
                "global_batch_pairs": args.global_batch_pairs, "tokens_per_micro_batch": args.tokens_per_micro_batch,
                "lengths": args.lengths, "share": args.share}
     records = [result_record(summary, m, device.type == "cuda") for m in results]
@@ -451,7 +454,8 @@ def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups
         + f", {num_params(model_cfg) / 1e9:.3f}B params, random weights",
         (f"  device {device_name(device)}, torch {torch.__version__}; attention {backend}, LM head {lm_head}, "
          f"compute {cfg.model.compute_dtype}, fp32 master weights + AdamW (FSDP2, world 1), activation "
-         f"checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}"),
+         f"checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}, per-block torch.compile "
+         f"{'on' if cfg.model.compile else 'off'}"),
         (f"  data: {args.lengths} lengths, share {args.share}: {n_pairs} pairs, mean prompt "
          f"{prompt_tok / len(groups):.0f} tokens, mean step {(tokens - prompt_tok) / n_cont:.0f}; "
          f"{args.global_batch_pairs} pairs/step, {args.tokens_per_micro_batch} tokens/micro-batch, "

@@ -55,6 +55,8 @@ kernels)
 step)
     run step_1p5b "$PY" benchmarks/bench_step.py --shape qwen2-1.5b --reference both --json "$OUT/step_1p5b.json"
     run step_8b "$PY" benchmarks/bench_step.py --shape llama3-8b --reference both --json "$OUT/step_8b.json"
+    run step_8b_compile "$PY" benchmarks/bench_step.py --shape llama3-8b --reference precomputed --compile \
+        --json "$OUT/step_8b_compile.json"
     run step_8b_profile "$PY" benchmarks/bench_step.py --shape llama3-8b --reference precomputed --steps 2 --profile
     ;;
 trl)
