@@ -29,8 +29,7 @@ class ModelSection:
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state live in host memory
     # torch.compile each decoder block's compute around the (eager) attention call: norm + q/k/v + qk-norm +
     # RoPE, and o_proj + residual + norm + SwiGLU + residual, fused by inductor. The token count is dynamic, so
-    # each region compiles once per mode (train / no-grad / frozen live reference; again for a 1-token dummy
-    # batch), never per batch. Costs compile time in the first micro-batches; needs a C++ compiler on CPU.
+    # each region compiles once per mode (train / no-grad / frozen live reference), never per batch. Costs compile time in the first micro-batches; needs a C++ compiler on CPU.
     compile: bool = False
 
 

@@ -333,12 +333,15 @@ def pack_groups(groups: Sequence[PromptGroup]) -> PackedBatch:
 
 
 def _dummy_batch() -> PackedBatch:
+    # Two tokens, not one: torch.compile specialises size-1 dimensions, so a 1-token dummy would cost
+    # model.compile an extra graph per mode on every rank that runs one.
     one = torch.zeros(1, dtype=torch.int64)
+    two = torch.zeros(2, dtype=torch.int64)
     empty = torch.zeros(0, dtype=torch.int64)
-    cu = torch.tensor([0, 1], dtype=torch.int32)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
     return PackedBatch(
-        input_ids_T=one.clone(), position_ids_T=one.clone(),
-        attn=AttentionMeta(one.clone(), cu, cu.clone(), 1, 1, True),
+        input_ids_T=two.clone(), position_ids_T=torch.arange(2, dtype=torch.int64),
+        attn=AttentionMeta(torch.arange(2, dtype=torch.int64), cu, cu.clone(), 2, 2, True),
         lp_rows_N=one.clone(), lp_targets_N=one.clone(), lp_cont_N=one.clone(),
         cont_lengths_M=torch.ones(1, dtype=torch.int64),
         chosen_cont_B=empty, rejected_cont_B=empty.clone(), pair_index_B=empty.clone(),
