@@ -310,3 +310,32 @@ def test_causal_lm_kernel_head_matches_torch_head(impl, tied):
     torch.testing.assert_close(out[impl][0], out["torch"][0], rtol=0, atol=1e-5)
     for g_tri, g_ref in zip(out[impl][1], out["torch"][1]):
         torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@impls
+def test_custom_op_registration_passes_opcheck(impl):
+    """torch.library.opcheck: schema, fake (meta) impl, autograd registration and AOT dispatch agree with the
+    real kernel, i.e. what torch.compile relies on to trace through the op."""
+    h, w, t, _ = _make(7, 24, 45, torch.float32, seed=11)
+    op = IMPLS[impl][1]
+    torch.library.opcheck(op, (h.requires_grad_(), w.requires_grad_(), t))
+
+
+@impls
+def test_compiled_caller_matches_eager(impl):
+    """A torch.compile'd function around the op (fullgraph: no graph break at the op) gives eager's values
+    and gradients."""
+    h, w, t, g = _make(9, 32, 61, torch.float32, seed=12)
+    entry = IMPLS[impl][0]
+
+    def loss(hh, ww):
+        return (entry(hh, ww, t) * g).sum()
+
+    out = {}
+    for name, fn in (("eager", loss), ("compiled", torch.compile(loss, fullgraph=True, backend="aot_eager"))):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        value = fn(hh, ww)
+        value.backward()
+        out[name] = (value.detach(), hh.grad, ww.grad)
+    for a, b in zip(out["compiled"], out["eager"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
