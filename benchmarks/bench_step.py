@@ -59,7 +59,6 @@ from fasttrain.errors import UserError
 from fasttrain.faults import Faults
 from fasttrain.flops import FlopModel
 from fasttrain.lm_head import resolve_lm_head
-from fasttrain.model.checkpoint import local_shard
 from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.packing import PromptGroup, build_groups
 from fasttrain.reference import LiveReference, PrecomputedReference, compute_pair_logps
@@ -129,25 +128,10 @@ def synthetic_groups(n_pairs: int, vocab: int, lengths: LengthModel, share: floa
 # ----------------------------------------------------------------------------------------------
 def build_random_sharded(model_cfg: ModelConfig, cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
                          trainable: bool, seed: int):
-    """building.build_sharded_model (the trainer's), with ``random_init_`` in place of a checkpoint."""
+    """building.build_sharded_model (the trainer's) with random weights drawn on the device in place of a
+    checkpoint; the same seed gives the same weights, so a live reference starts equal to the policy."""
     return build_sharded_model(cfg, dist_info, backend, trainable, model_cfg=model_cfg,
-                               init_weights=lambda model: random_init_(model, seed))
-
-
-@torch.no_grad()
-def random_init_(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Drawn on the device (CausalLM.init_weights draws every full tensor on the CPU: minutes at 8B).
-    The same seed gives the same weights, so a live reference starts equal to the policy."""
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        local, _, _ = local_shard(param, name)
-        if name.endswith("norm.weight"):
-            local.fill_(1.0)
-        elif name.endswith(".bias"):
-            local.zero_()
-        else:
-            local.normal_(0.0, std, generator=g)
+                               init_weights=lambda model: model.init_weights(seed, on_device=True))
 
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, checkpointing: bool) -> int:

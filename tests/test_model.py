@@ -300,3 +300,18 @@ def test_attention_backend_setting():
         model.set_attention_backend("auto")
     model.set_attention_backend("flash_attn")
     assert model.attention_backend == "flash_attn"
+
+
+def test_on_device_init_of_a_bf16_copy_is_the_fp32_init_rounded():
+    """Benchmarks draw random weights on the device (init_weights(on_device=True)); a frozen live reference is
+    stored in bf16, and must be exactly the fp32 policy's weights rounded, as FSDP's bf16 gather sees them."""
+    from fasttrain.model.decoder import build_model
+
+    cfg = ModelConfig.from_hf_dict({**BASE, "model_type": "qwen2"})
+    policy = build_model(cfg, device="cpu", dtype=torch.float32)
+    frozen = build_model(cfg, device="cpu", dtype=torch.bfloat16)
+    policy.init_weights(seed=5, on_device=True)
+    frozen.init_weights(seed=5, on_device=True)
+    for (name, p32), (_, p16) in zip(policy.named_parameters(), frozen.named_parameters()):
+        assert p16.dtype == torch.bfloat16 and torch.equal(p16, p32.to(torch.bfloat16)), name
+    assert policy.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
