@@ -156,6 +156,9 @@ def main(argv=None) -> int:
             g = torch.randn(N, device=dev, generator=gen)
             flops = 8 * N * V * D
             eager_row = None
+            # a fresh compile per shape (compiled during the warmup, not timed): dynamo's recompile limit (8)
+            # would otherwise turn the 9th shape of the grid into eager without saying so
+            torch._dynamo.reset()
             # eager first: the ratios and errors of the others are against it
             for name in sorted(names, key=lambda n: n != "eager"):
                 try:
