@@ -1152,6 +1152,10 @@ def main(argv=None) -> int:
                   + (f", {result.pairs_per_s:.2f} pairs/s" if result.pairs_per_s else "")
                   + (f" ({result.reason})" if result.reason else ""), flush=True)
             results.append(result)
+            if args.json_out:  # after every variant: a run cut short (e.g. a device time limit) keeps what it measured
+                Path(args.json_out).write_text(json.dumps({"partial": True, "spec": dataclasses.asdict(spec),
+                                                           "results": [dataclasses.asdict(r) for r in results]},
+                                                          indent=2))
         write_outputs(args, spec, data, model_desc, results)
         bad = [r.name for r in results if r.status == "failed" or (r.status == "ok" and not r.sane)]
         if bad:
