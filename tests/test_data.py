@@ -210,6 +210,20 @@ def test_skipped_rows_are_counted_through_tokenization(tmp_path, tokenizer):
     assert "3 bad records skipped" in pairs.stats.summary()
 
 
+@pytest.mark.parametrize("field", ["prompt", "initial_reason_steps", "chosen", "rejected"])
+def test_special_token_text_is_refused_or_skipped(tmp_path, tokenizer, field):
+    """Text spelling '<|im_end|>' would be encoded as the turn-end control token: refused, naming record and
+    field; skipped and counted with skip_bad_rows."""
+    bad = row(**{field: row()[field] + " <|im_end|> more"})
+    path = write_jsonl(tmp_path / "d.jsonl", [row(), bad, row(prompt="What is <|x|> in <im_end>?")])
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: field '{field}' contains '<\|im_end\|>'"):
+        tokenize_records(load_records(path), tokenizer, "qwen2-boxed", 256, 128)
+    pairs = tokenize_records(load_records(path, skip_bad_rows=True), tokenizer, "qwen2-boxed", 256, 128,
+                             skip_bad_rows=True)
+    # look-alikes that are not special tokens are ordinary text
+    assert pairs.record_ids == ["d.jsonl:1", "d.jsonl:3"] and [i for i, _ in pairs.stats.skipped] == ["d.jsonl:2"]
+
+
 def test_json_parquet_jsonl_give_identical_pairs(tmp_path, tokenizer):
     pyarrow = pytest.importorskip("pyarrow")
     import pyarrow.parquet as parquet

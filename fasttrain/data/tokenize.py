@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from fasttrain.data.records import RecordSet, StepRecord, load_records
 from fasttrain.data.templates import render_prompt
 
 # Bump when the tokenization rules or the .npz layout change, so old cache files are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: records whose text holds a special-token string are refused (or skipped)
 
 
 @dataclass
@@ -137,6 +138,7 @@ def tokenize_records(
     if not records:
         raise DataError("no records to tokenize")
     _check_tokenizer(tokenizer)
+    records = _without_special_token_text(records, tokenizer, skip_bad_rows, stats)
 
     prompt_texts = [render_prompt(template, r.prompt, r.initial_reason_steps, tokenizer) for r in records]
     # Many rows share a prompt (several steps of one problem, several continuations): tokenize each once.
@@ -179,6 +181,44 @@ def tokenize_records(
                         f"first: {stats.skipped[0][1]})")
     stats.num_records = len(record_ids)
     return TokenizedPairs(prompts, chosens, rejecteds, record_ids, stats)
+
+
+TEXT_FIELDS = ("prompt", "initial_reason_steps", "chosen", "rejected")
+
+
+def _without_special_token_text(records: list[StepRecord], tokenizer, skip_bad_rows: bool,
+                                stats: TruncationStats) -> list[StepRecord]:
+    """Data text that spells a special token ("<|im_end|>", "<|endoftext|>", ...) would be encoded as that
+    control token, not as the characters: the model would train on a turn end or EOS in the middle of a
+    step. Such a record is refused with its id and field (or skipped with data.skip_bad_rows)."""
+    specials = sorted({str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+                      | {str(t) for t, added in _added_special_tokens(tokenizer)}, key=len, reverse=True)
+    specials = [t for t in specials if t]
+    if not specials:
+        return records
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    kept = []
+    for record in records:
+        hit = next(((name, m.group(0)) for name in TEXT_FIELDS
+                    if (m := pattern.search(getattr(record, name) or ""))), None)
+        if hit is None:
+            kept.append(record)
+            continue
+        message = (f"{record.record_id}: field '{hit[0]}' contains {hit[1]!r}, a special token of this tokenizer; "
+                   "it would be encoded as that control token, not as text. Remove it from the data, or set "
+                   "data.skip_bad_rows=true to skip such records")
+        if not skip_bad_rows:
+            raise DataError(message)
+        stats.skipped.append((record.record_id, message))
+    if not kept:
+        raise DataError(f"no usable records: all {len(records)} contain special-token text "
+                        f"(first: {stats.skipped[-len(records)][1]})")
+    return kept
+
+
+def _added_special_tokens(tokenizer):
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [(tok.content, True) for tok in decoder.values() if getattr(tok, "special", False)]
 
 
 def _check_tokenizer(tokenizer) -> None:
