@@ -267,6 +267,10 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dirs: list[str]) -> Non
             plain.init_weights(seed=3)
             for n, p in sharded.named_parameters():
                 assert torch.equal(p.full_tensor(), plain.state_dict()[n]), f"rank {rank}: init {n}"
+        # both ranks past their last collective before either tears gloo down. Likely cause of one CI abort
+        # (rank 1 SIGABRT, "terminate called without an active exception"; 6 local reruns passed): a rank
+        # destroying the group while its peer still has the last all-gather in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
