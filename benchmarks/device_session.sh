@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the repo, in parts that each fit one 10-minute device command (the device
-# tool lends 30 minutes per session: run the parts in this order, stop where the budget ends).
+# Every GPU check and benchmark of the repo, in parts meant to fit one 10-minute device command each (the
+# device tool lends 30 minutes per session: run the parts in this order, stop where the budget ends). The
+# times below are estimates: no part has run on a GPU yet.
 #
 #   bash benchmarks/device_session.sh correctness   # gpu-marked tests: attention backends, bf16 LM-head kernels,
 #                                                    # whole-model packed vs unpacked, 72B layers (~5 min)

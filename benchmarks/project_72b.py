@@ -76,7 +76,7 @@ QWEN2_72B = {
     "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
 }
 # --smoke: prompts U[16, 48] and steps U[4, 12] tokens (48 per pair, 16 LM rows), 256-token micro-batches, so
-# 8 GPUs get 3 micro-batches per step (the no-sync accumulation path) and 32 GPUs one.
+# 8 GPUs get 3 micro-batches per step (a reduce-scatter after each) and 32 GPUs one.
 SMOKE_BUDGET = 256
 SMOKE_PAIR = (48.0, 16.0)
 # --smoke: small enough that two layers run forward + backward on a 2-core CPU in well under a second.
@@ -208,7 +208,6 @@ class Projection:
     micro_batches: int
     tokens_per_micro: float
     offload: bool
-    sync_every_micro: bool  # reduce-scatter after every micro-batch (not only the last)
     step: StepTimes
     reference_s: float
     components_s: dict[str, float]
@@ -278,7 +277,7 @@ STATE_ON_GPU = "fp32 master + grads + AdamW m, v (16 B/param / GPUs)"
 STATE_ON_HOST = "fp32 master + grads + AdamW m, v: in host memory (CPU offload)"
 
 
-def memory_plan(shape: ModelShape, c: Cluster, mb: _Micro, offload: bool, accumulate_unsharded: bool) -> MemoryPlan:
+def memory_plan(shape: ModelShape, c: Cluster, mb: _Micro, offload: bool) -> MemoryPlan:
     P, Pl, Pr, N = shape.params_total, shape.params_layer, shape.params_root, c.n_gpus
     state = 0.0 if offload else 16.0 * P / N
     items = {
@@ -290,8 +289,6 @@ def memory_plan(shape: ModelShape, c: Cluster, mb: _Micro, offload: bool, accumu
         f"activations: {shape.layers} layers x saved + one layer's backward / LM head peak":
             shape.layers * mb.saved + max(mb.transient, mb.lm_transient),
     }
-    if accumulate_unsharded:  # FSDP2 with set_requires_gradient_sync(False) keeps unsharded fp32 grads
-        items["unsharded fp32 grads accumulated over micro-batches (no-sync)"] = 4.0 * P
     during_bwd = sum(items.values())
     # after the last block: root params and grads (bf16) and the root's fp32 reduce-scatter input
     end_of_bwd = state + (2.0 + 2.0 + 4.0) * Pr
@@ -313,14 +310,15 @@ def _transfers(shape: ModelShape, c: Cluster, offload: bool) -> dict[str, float]
     return per
 
 
-def micro_batch_s(shape: ModelShape, mb: _Micro, x: dict[str, float], sync: bool) -> tuple[float, float]:
-    """(wall, compute) seconds of one training micro-batch under the overlap model (module docstring)."""
+def micro_batch_s(shape: ModelShape, mb: _Micro, x: dict[str, float]) -> tuple[float, float]:
+    """(wall, compute) seconds of one training micro-batch under the overlap model (module docstring); the
+    trainer reduce-scatters gradients after every micro-batch."""
     L = shape.layers
-    rs, d2h = (x["rs_layer"], x["d2h_layer"]) if sync else (0.0, 0.0)
+    rs, d2h = x["rs_layer"], x["d2h_layer"]
     c_fwd = max(x["ag_layer"], x["h2d_layer"])  # copy-in stream and all-gather stream pipeline over layers
     c_bwd = max(x["h2d_layer"], x["ag_layer"] + rs, rs + d2h)  # AG and RS share the link
     fwd = x["ag_root"] + x["h2d_root"] + c_fwd + L * max(mb.fwd, c_fwd)
-    root_rs = x["rs_root"] + x["d2h_root"] if sync else 0.0
+    root_rs = x["rs_root"] + x["d2h_root"]
     bwd = L * max(mb.bwd, c_bwd) + rs + d2h + root_rs
     compute = L * (mb.fwd + mb.bwd) + mb.lm_train
     return fwd + bwd + mb.lm_train, compute
@@ -345,25 +343,14 @@ def _micro_geometry(r: Recipe, c: Cluster) -> tuple[int, float]:
     return n_micro, tokens_gpu / n_micro
 
 
-def _choose_offload(shape, c, s: Strategy, mb, accumulate: bool) -> tuple[bool, MemoryPlan]:
+def plan_memory(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro) -> tuple[bool, MemoryPlan, list[str]]:
+    """(offload, memory plan, notes): CPU offload when asked, or (auto) when the plan does not fit the card."""
     if s.offload not in ("auto", "on", "off"):
         raise ValueError(f"offload {s.offload!r}: expected auto, on or off")
-    on_gpu = memory_plan(shape, c, mb, offload=False, accumulate_unsharded=accumulate)
-    offload = s.offload == "on" or (s.offload == "auto" and not on_gpu.fits)
-    return offload, (memory_plan(shape, c, mb, True, accumulate) if offload else on_gpu)
-
-
-def plan_memory(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro, n_micro: int
-                ) -> tuple[bool, bool, MemoryPlan, list[str]]:
-    """(offload, accumulate unsharded grads, memory plan, notes).
-
-    Offload is decided on what every plan must hold. The trainer reduce-scatters gradients after every
-    micro-batch (FSDP2's default), so no unsharded fp32 gradient is ever held between micro-batches: the
-    "accumulate" answer is always False, and each extra micro-batch costs one more reduce-scatter.
-    """
     notes: list[str] = []
-    offload, mem = _choose_offload(shape, c, s, mb, accumulate=False)
-    accumulate = False
+    on_gpu = memory_plan(shape, c, mb, offload=False)
+    offload = s.offload == "on" or (s.offload == "auto" and not on_gpu.fits)
+    mem = memory_plan(shape, c, mb, offload=True) if offload else on_gpu
     if not mem.fits:
         notes.append(f"does not fit even {'with' if offload else 'without'} CPU offload: "
                      f"{mem.peak_bytes / GIB:.1f} GiB > {c.card_gib} GiB")
@@ -372,15 +359,12 @@ def plan_memory(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro, n_micro:
         notes.append(f"CPU offload: host memory {mem.host_bytes_per_node / 1e12:.2f} TB per node (pinned); "
                      f"AdamW at {per_rank:.1f} GB/s per rank needs ~{per_rank / 12:.0f} CPU threads per rank at "
                      "~12 GB/s each (torchrun sets OMP_NUM_THREADS=1)")
-    return offload, accumulate, mem, notes
+    return offload, mem, notes
 
 
 def step_times(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro, n_micro: int, offload: bool,
-               accumulate: bool, x: dict[str, float]) -> StepTimes:
-    wall = compute = 0.0
-    for i in range(n_micro):
-        w, k = micro_batch_s(shape, mb, x, sync=not accumulate or i == n_micro - 1)
-        wall, compute = wall + w, compute + k
+               x: dict[str, float]) -> StepTimes:
+    wall, compute = (n_micro * t for t in micro_batch_s(shape, mb, x))  # every micro-batch costs the same
     adam_bw = c.host_gbps_per_node * 1e9 / c.gpus_on_node if offload else c.hbm_gbps * 1e9
     opt = shape.params_total / c.n_gpus * s.adam_bytes_per_param / adam_bw
     return StepTimes(n_micro * shape.layers * (mb.fwd + mb.bwd), n_micro * mb.lm_train, wall - compute, opt,
@@ -391,9 +375,9 @@ def project(shape: ModelShape, measured: Sequence[Measured], c: Cluster, r: Reci
     steps = optimizer_steps(r.pairs, r.global_batch, r.epochs)
     n_micro, tokens = _micro_geometry(r, c)
     mb = scale(pick(measured, tokens, s.recompute), tokens, tokens / r.tokens_per_pair * r.lm_rows_per_pair)
-    offload, accumulate, mem, notes = plan_memory(shape, c, s, mb, n_micro)
+    offload, mem, notes = plan_memory(shape, c, s, mb)
     x = _transfers(shape, c, offload)
-    step = step_times(shape, c, s, mb, n_micro, offload, accumulate, x)
+    step = step_times(shape, c, s, mb, n_micro, offload, x)
     ref = reference_pass_s(shape, pick(measured, r.token_budget, s.recompute), c, r, x)
     components = {
         "decoder layers fwd" + (" + recompute" if s.recompute else "") + " + bwd": steps * step.layers_compute,
@@ -402,8 +386,7 @@ def project(shape: ModelShape, measured: Sequence[Measured], c: Cluster, r: Reci
         f"optimizer step (AdamW + clip on {'CPU, offloaded' if offload else 'GPU'})": steps * step.optimizer,
         "reference pass (forward over all pairs once)": ref,
     }
-    return Projection(c.n_gpus, c.nodes, steps, n_micro, tokens, offload, not accumulate, step, ref, components,
-                      mem, notes)
+    return Projection(c.n_gpus, c.nodes, steps, n_micro, tokens, offload, step, ref, components, mem, notes)
 
 
 def optimizer_budget_s(p: Projection, target_s: float) -> float:
@@ -762,7 +745,7 @@ def format_projection(p: Projection, c: Cluster, r: Recipe, s: Strategy) -> list
              f"{'CPU offload' if p.offload else 'no offload'}, recompute {'on' if s.recompute else 'off'} ==")
     geometry = (f"{p.steps} steps x {p.micro_batches} micro-batch(es) of {p.tokens_per_micro:,.0f} tokens per GPU "
                 f"({r.global_batch} pairs x {r.tokens_per_pair:g} tokens / {p.n_gpus} GPUs); reduce-scatter "
-                f"{'every micro-batch' if p.sync_every_micro else 'after the last micro-batch'}")
+                "after every micro-batch")
     per_step = (f"per step: layers {p.step.layers_compute:.3f} s + LM head {p.step.lm_head_compute:.3f} s + exposed "
                 f"comm {p.step.exposed_comm:.3f} s + optimizer {p.step.optimizer:.3f} s = {p.step.total:.3f} s; "
                 f"per block AG {p.step.ag_layer * 1e3:.1f} ms, RS {p.step.rs_layer * 1e3:.1f} ms")

@@ -1,6 +1,8 @@
-"""Run ``fasttrain/run.py`` in a subprocess, alone or under torchrun, as a user would (test helper)."""
+"""Test helpers: run ``fasttrain/run.py`` in a subprocess, alone or under torchrun, as a user would; import a
+benchmark script (``benchmarks/`` is not a package) as a module."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,6 +12,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "fasttrain" / "run.py"
 DEMO = REPO / "fasttrain" / "demo"
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as the module ``name`` (registered in sys.modules: dataclasses look it up there)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

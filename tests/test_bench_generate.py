@@ -1,8 +1,6 @@
 """benchmarks/bench_generate.py --smoke on the CPU, and the generator's fixed-length mode it relies on."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +10,15 @@ from fasttrain.data.templates import render_prompt
 from fasttrain.eval.evaluate import DEFAULT_PREFILL
 from fasttrain.eval.generate import HFGenerator
 
+from cli_runner import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "fasttrain" / "demo" / "model"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "benchmarks" / "bench_generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_generate")
 
 
 def test_shape_constants_give_qwen2_1_5b(bench):

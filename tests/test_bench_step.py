@@ -2,7 +2,6 @@
 and the pieces that decide what a GPU run measures (synthetic data, layer count) are sane."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,16 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cli_runner import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "bench_step.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_step")
 
 
 def test_smoke_run_on_cpu():

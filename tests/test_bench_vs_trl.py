@@ -5,20 +5,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from cli_runner import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", REPO / "benchmarks" / "bench_vs_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_vs_trl"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_vs_trl")
 
 
 bench = _load_bench()

@@ -1,12 +1,12 @@
 """benchmarks/project_72b.py: the projection on hand-computable inputs, and --smoke end to end on the CPU."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from cli_runner import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2.0**30
@@ -14,11 +14,7 @@ GIB = 2.0**30
 
 @pytest.fixture(scope="module")
 def pj():
-    spec = importlib.util.spec_from_file_location("project_72b", REPO / "benchmarks" / "project_72b.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("project_72b")
 
 
 # A 10-block model of 1e9 params per block and no root: P = 1e10, easy to count bytes of.
@@ -71,7 +67,7 @@ def test_compute_bound_step(pj):
     c = pj.Cluster(8, hbm_gbps=3000.0, **FAST)
     p = pj.project(sh, [measured(pj)], c, r, pj.Strategy(adam_bytes_per_param=84.0))
     assert (p.steps, p.micro_batches, p.tokens_per_micro) == (10, 1, 1000.0)
-    assert not p.offload and p.sync_every_micro
+    assert not p.offload
     assert p.step.layers_compute == pytest.approx(10 * (1e-3 + 2e-3))
     assert p.step.lm_head_compute == pytest.approx(5e-4)  # 1000 tokens / 100 per pair x 10 rows = 100 rows
     assert p.step.exposed_comm == pytest.approx(0.0, abs=1e-6)
@@ -113,14 +109,17 @@ def test_offload_chosen_when_the_plan_exceeds_the_card(pj):
         pj.project(sh, [measured(pj)], big, r, pj.Strategy(offload="maybe"))
 
 
-def test_gradient_accumulation_reduces_every_micro_batch(pj):
-    sh = shape(pj)
-    r = recipe(pj, token_budget=500)  # 1000 tokens per GPU -> 2 micro-batches of 500
-    m = measured(pj, tokens=500, rows=50)
-    roomy = pj.project(sh, [m], pj.Cluster(8, card_gib=200.0, **FAST), r, pj.Strategy())
-    # the trainer reduce-scatters after every micro-batch: never an unsharded fp32 grad of the whole model
-    assert roomy.micro_batches == 2 and roomy.sync_every_micro
-    assert not any("no-sync" in k for k in roomy.memory.items)
+def test_every_micro_batch_pays_its_reduce_scatter(pj):
+    """The trainer reduce-scatters after every micro-batch: two micro-batches of 500 tokens expose twice the
+    per-micro-batch communication of one, and no unsharded fp32 gradient appears in the memory plan."""
+    sh, m = shape(pj), measured(pj, tokens=500, rows=50)
+    slow = dict(FAST, nvlink_gbps=1.0)  # communication-bound, so the exposed part is visible
+    one = pj.project(sh, [m], pj.Cluster(8, **slow), recipe(pj, global_batch=40, token_budget=500), pj.Strategy())
+    two = pj.project(sh, [m], pj.Cluster(8, **slow), recipe(pj, token_budget=500), pj.Strategy())
+    assert (one.micro_batches, two.micro_batches) == (1, 2) and one.tokens_per_micro == two.tokens_per_micro
+    assert one.step.exposed_comm > 0
+    assert two.step.exposed_comm == pytest.approx(2 * one.step.exposed_comm)
+    assert not any("unsharded" in k for k in two.memory.items)
 
 
 def test_reference_pass_is_forward_only_once_over_the_data(pj):
