@@ -6,6 +6,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # The Triton kernels run on the CPU only under the interpreter, and it must be on before anything imports
+    # triton: triton 3.6 (the GPU image's) decorates triton.language's own jit helpers (tl.max, tl.sum, ...)
+    # when triton is first imported, and an interpreted kernel calling a compiled helper fails ("Cannot call
+    # @triton.jit'd outside of the scope of a kernel"). Runs started by tests drop it (tests/cli_runner.py).
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config):

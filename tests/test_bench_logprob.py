@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_logprob_smoke():
     pytest.importorskip("triton")
+    from triton_interpreter import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_logprob.py"), "--smoke"],
                          capture_output=True, text=True, timeout=300, env=env)

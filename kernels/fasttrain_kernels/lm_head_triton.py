@@ -28,9 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Default tiles: GPU sizes are a plain, reasonable starting point (not tuned; tuning needs a GPU session).
+# Default tiles: GPU sizes are a plain, reasonable starting point (not tuned for speed: that needs a GPU
+# session). Compiled for sm_90 by benchmarks/kernel_resources.py, 16-bit inputs use 100-222 registers and no
+# local memory with them; fp32 inputs (IEEE dots, no tensor-core MMA) spilled 104 B (dh) and 464 B (dW) per
+# thread with the same tiles, so fp32 gets the smallest tiles that spill nothing there (<= 152 registers).
 # CPU (interpreter) sizes are small so that tests with tiny odd shapes still cross several tiles.
 GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)
+GPU_BLOCKS_FP32 = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2)
 CPU_BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1)
 
 
@@ -91,6 +95,33 @@ def _dlogits_tile(h_ptr, w_ptr, t, g, gp, lse, offs_n, mask_n, offs_v, mask_v, D
 
 
 @triton.jit
+def _load_row_terms(t_ptr, g_ptr, glse_ptr, lse_ptr, offs_n, mask_n):
+    """Per row: target, g = dL/dlogp, gp = g - dL/dlse (the softmax term's weight) and the saved lse."""
+    t = tl.load(t_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    gp = g - tl.load(glse_ptr + offs_n, mask=mask_n, other=0.0)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    return t, g, gp, lse
+
+
+@triton.jit
+def _accumulate_dot(a, b_ptr, b_rows, b_mask, stride_b, out_ptr, out_rows, out_mask, D,
+                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[out_rows, :] += a @ b[b_rows, :] over all D in BLOCK_D slices; ``out`` is an fp32 [*, D] contiguous
+    buffer that this program alone writes (read-modify-write, no atomics). ``a``: [len(out_rows), len(b_rows)]."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + offs_d[None, :],
+                    mask=b_mask[:, None] & mask_d[None, :], other=0.0)
+        ptrs = out_ptr + out_rows[:, None] * D + offs_d[None, :]
+        mask = out_mask[:, None] & mask_d[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, tl.dot(a, b, acc, input_precision=DOT_PRECISION), mask=mask)
+    tl.debug_barrier()  # this tile's writes are visible to the next tile's reads (other threads)
+
+
+@triton.jit
 def _bwd_dh_kernel(h_ptr, w_ptr, t_ptr, g_ptr, glse_ptr, lse_ptr, dh_ptr, N, V, D, stride_h, stride_w,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
@@ -98,27 +129,14 @@ def _bwd_dh_kernel(h_ptr, w_ptr, t_ptr, g_ptr, glse_ptr, lse_ptr, dh_ptr, N, V, 
     pid = tl.program_id(0)
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
-    t = tl.load(t_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
-    gp = g - tl.load(glse_ptr + offs_n, mask=mask_n, other=0.0)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    t, g, gp, lse = _load_row_terms(t_ptr, g_ptr, glse_ptr, lse_ptr, offs_n, mask_n)
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         mask_v = offs_v < V
         dl = _dlogits_tile(h_ptr, w_ptr, t, g, gp, lse, offs_n, mask_n, offs_v, mask_v, D, stride_h, stride_w,
                            BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        dl = dl.to(w_ptr.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :],
-                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-            ptrs = dh_ptr + offs_n[:, None] * D + offs_d[None, :]
-            mask = mask_n[:, None] & mask_d[None, :]
-            acc = tl.load(ptrs, mask=mask, other=0.0)
-            acc = tl.dot(dl, w, acc, input_precision=DOT_PRECISION)
-            tl.store(ptrs, acc, mask=mask)
-        tl.debug_barrier()  # this tile's writes are visible to the next tile's reads (other threads)
+        _accumulate_dot(dl.to(w_ptr.dtype.element_ty), w_ptr, offs_v, mask_v, stride_w,
+                        dh_ptr, offs_n, mask_n, D, BLOCK_D, DOT_PRECISION)
 
 
 @triton.jit
@@ -132,24 +150,11 @@ def _bwd_dw_kernel(h_ptr, w_ptr, t_ptr, g_ptr, glse_ptr, lse_ptr, dw_ptr, N, V, 
     for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < N
-        t = tl.load(t_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-        g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
-        gp = g - tl.load(glse_ptr + offs_n, mask=mask_n, other=0.0)
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        t, g, gp, lse = _load_row_terms(t_ptr, g_ptr, glse_ptr, lse_ptr, offs_n, mask_n)
         dl = _dlogits_tile(h_ptr, w_ptr, t, g, gp, lse, offs_n, mask_n, offs_v, mask_v, D, stride_h, stride_w,
                            BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        dlT = tl.trans(dl.to(h_ptr.dtype.element_ty))
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            ptrs = dw_ptr + offs_v[:, None] * D + offs_d[None, :]
-            mask = mask_v[:, None] & mask_d[None, :]
-            acc = tl.load(ptrs, mask=mask, other=0.0)
-            acc = tl.dot(dlT, h, acc, input_precision=DOT_PRECISION)
-            tl.store(ptrs, acc, mask=mask)
-        tl.debug_barrier()
+        _accumulate_dot(tl.trans(dl.to(h_ptr.dtype.element_ty)), h_ptr, offs_n, mask_n, stride_h,
+                        dw_ptr, offs_v, mask_v, D, BLOCK_D, DOT_PRECISION)
 
 
 def _interpreted() -> bool:
@@ -163,8 +168,14 @@ def _interpreted() -> bool:
 INTERPRETED = _interpreted()
 
 
-def _blocks(device: torch.device, blocks: dict | None) -> dict:
-    out = dict(CPU_BLOCKS if device.type == "cpu" else GPU_BLOCKS)
+def default_blocks(device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type == "cpu":
+        return dict(CPU_BLOCKS)
+    return dict(GPU_BLOCKS_FP32 if dtype == torch.float32 else GPU_BLOCKS)
+
+
+def _blocks(device: torch.device, dtype: torch.dtype, blocks: dict | None) -> dict:
+    out = default_blocks(device, dtype)
     if blocks:
         unknown = set(blocks) - set(out)
         if unknown:
@@ -193,7 +204,7 @@ def lm_head_fwd(h_ND: torch.Tensor, w_VD: torch.Tensor, t_N: torch.Tensor, block
     lse = torch.empty(N, device=h_ND.device, dtype=torch.float32)
     if N == 0:
         return logp, lse
-    cfg = _blocks(h_ND.device, blocks)
+    cfg = _blocks(h_ND.device, h_ND.dtype, blocks)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     _fwd_kernel[grid](h_ND, w_VD, t_N, logp, lse, N, V, D, h_ND.stride(0), w_VD.stride(0),
                       **_launch_opts(cfg, h_ND.dtype))
@@ -208,7 +219,7 @@ def lm_head_bwd(g_N: torch.Tensor, glse_N: torch.Tensor, h_ND: torch.Tensor, w_V
     dh = torch.zeros(N, D, device=h_ND.device, dtype=torch.float32)
     dw = torch.zeros(V, D, device=h_ND.device, dtype=torch.float32)
     if N > 0:
-        cfg = _blocks(h_ND.device, blocks)
+        cfg = _blocks(h_ND.device, h_ND.dtype, blocks)
         opts = _launch_opts(cfg, h_ND.dtype)
         args = (h_ND, w_VD, t_N, g_N, glse_N, lse_N)
         _bwd_dh_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, dh, N, V, D, h_ND.stride(0), w_VD.stride(0),
