@@ -13,7 +13,10 @@ What runs, in this order (``--variants`` picks a subset):
   trl_bf16             bf16 weights (and so bf16 AdamW state), live reference: the low-memory way people run
                        TRL; it drops lr-5e-7 updates (DESIGN §6), so it is a memory/speed reference point only
   trl_liger            trl_default + ``use_liger_kernel=True`` (CUDA and liger-kernel only; otherwise it is
-                       reported as skipped with the reason, never an error)
+                       reported as skipped with the reason, never an error). In TRL 1.16 this applies Liger's
+                       layer kernels (RMSNorm, SwiGLU, RoPE) only: DPOTrainer forces Liger's fused linear
+                       cross-entropy off, because it patches the model with its own chunked log-prob LM head
+                       (read from trl/trainer/dpo_trainer.py 1.16.0; every TRL variant has that head)
   fasttrain_precompute fasttrain, ``loss.reference=precompute`` (fp32 master weights, bf16 compute)
   fasttrain_live       fasttrain, ``loss.reference=live``
 
