@@ -19,6 +19,14 @@ from ``tl.dot`` over BLOCK_D slices of D) and reduced on the fly.
   autograd does: its logits grad is in the compute dtype); all accumulation is fp32. fp32 inputs use IEEE dots
   (no TF32), so the fp32 path matches PyTorch's default fp32 matmul precision.
 
+Known limit (static, not yet measured): the forward and dh grids have one program per BLOCK_N = 64 rows. With
+the trainer's default 8192 tokens per micro-batch and DESIGN §7's lengths (prompt ~304 + two steps ~72 tokens
+each), a micro-batch holds ~18 pairs, so N ~ 2.6k rows: ~41 programs for the H100's 132 SMs, one program per
+SM at 172-221 registers x 256 threads (benchmarks/kernel_resources.py). Most of the card would idle in those
+two kernels; splitting the vocabulary across programs (partial max / sum-exp per split, combined after, as
+flash-decoding splits keys) would fill it. This is one reason the trainer's CUDA default is the chunked head,
+whose GEMMs cuBLAS parallelises over N x V.
+
 On CPU these kernels run only under the Triton interpreter: ``TRITON_INTERPRET=1`` must be set before this
 module is imported (``triton.jit`` picks the interpreter when it decorates). ``INTERPRETED`` records which.
 """
