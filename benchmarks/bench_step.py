@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     device = dist_info.device
     torch.manual_seed(args.seed)
     cfg = run_config(args, device)
-    backend = resolve_backend(cfg.model.attention_backend, device)
+    backend = resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype))
     lm_head = resolve_lm_head(cfg.model.lm_head_impl, device)
     layers, layers_note = choose_layers(args, device)
     model_cfg = ModelConfig.from_hf_dict({**SHAPES[args.shape], "num_hidden_layers": layers})

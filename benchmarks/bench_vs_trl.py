@@ -633,7 +633,7 @@ def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
         device = dist_info.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        backend = resolve_backend(cfg.model.attention_backend, device)
+        backend = resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype))
         data = load_pairs(spec, load_tokenizer(spec.tokenizer_dir))
         plans = plan_steps(groups_of(data), spec.global_batch, 1, spec.tokens_per_micro_batch, spec.seed, 1.0)
         if len(plans) != spec.total_steps:

@@ -27,7 +27,10 @@ times, the model's parameter counts (``fasttrain.model.config.num_params``), the
 * CPU offload (FSDP2 CPUOffloadPolicy, what ``model.cpu_offload=true`` does) when the plan does not fit the card:
   sharded fp32 params, grads and AdamW state live in host memory; every all-gather first copies its fp32 shard
   host-to-device (4 B/param/N over PCIe), every reduce-scatter copies its fp32 shard back, and AdamW runs on the
-  CPU at the host memory bandwidth. Without offload AdamW runs on the GPU at HBM bandwidth.
+  CPU at the host memory bandwidth. Without offload AdamW runs on the GPU at HBM bandwidth. The model assumes
+  asynchronous gradient copies, which FSDP2 makes only when no gradient is being accumulated: with more than
+  one micro-batch per GPU per step, the second one's copies block the host and add on the CPU, which this
+  does not model (the projection then says so; the real recipe at 8 GPUs is one micro-batch per step).
 * Optimizer bytes/param: the trainer builds a fused AdamW on CUDA and on CPU-offloaded shards (one pass: read
   p, g, m, v, write p, m, v = 28 B), plus clip_grad_norm_ 12 B (norm read 4 + scale 8) = 40 B (the default);
   ``--adam torch`` models torch's for-each update instead: lerp 12 + mul 8 + addcmul 12 + sqrt 8 + div 8 +
@@ -672,7 +675,7 @@ def layer_tflops(cfg: ModelConfig, batch: PackedBatch, seconds: float, train: bo
 
 def measure(cfg: ModelConfig, a: MeasureArgs, device: torch.device) -> tuple[list[Measured], list[str]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = resolve_backend(a.attention_backend, device)
+    backend = resolve_backend(a.attention_backend, device, dtype)
     clock = Clock(device)
     layers = build_layers(cfg, a.layers, device, dtype)
     _drop_grads(layers)
@@ -751,6 +754,9 @@ def format_projection(p: Projection, c: Cluster, r: Recipe, s: Strategy) -> list
                 f"per block AG {p.step.ag_layer * 1e3:.1f} ms, RS {p.step.rs_layer * 1e3:.1f} ms")
     if p.offload:
         per_step += f", H2D {p.step.h2d_layer * 1e3:.1f} ms, D2H {p.step.d2h_layer * 1e3:.1f} ms"
+        if p.micro_batches > 1:
+            geometry += ("; NOTE with CPU offload, micro-batches after the first copy gradients to the host "
+                         "synchronously and sum them on the CPU, which this projection does not model (optimistic)")
     lines = [title, geometry, per_step, f"  {'component':<58} {'time':>9} {'share':>6}"]
     total = p.total_s
     for name, sec in p.components_s.items():

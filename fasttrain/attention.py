@@ -8,7 +8,8 @@ Backends (DESIGN §3):
   "torch_varlen" torch.nn.attention.varlen.varlen_attn(window_size=(-1, 0)) — PyTorch's built-in
                  flash kernel, CUDA only; (-1, 0) is causal with bottom-right alignment.
   "reference"   pure PyTorch with an explicit bottom-right causal mask (CPU, tests).
-  "auto"        flash_attn if importable and on CUDA, else torch_varlen on CUDA, else reference.
+  "auto"        on CUDA in fp16/bf16: flash_attn if it imports, else torch_varlen; otherwise reference
+                (the flash kernels take no fp32).
 The choice is resolved once (resolve_backend) and logged by the caller; asking for a backend that
 is missing raises instead of falling back silently.
 """
@@ -16,37 +17,66 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from fasttrain.packing import AttentionMeta
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "reference")
+# Both flash kernels (the flash-attn package's and PyTorch's, which has no other varlen kernel in 2.11)
+# refuse anything else: "FlashAttention only support fp16 and bf16 data type".
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
+def _flash_attn_import_error() -> str | None:
+    """None when flash-attn imports; otherwise why not. Imported, not just found: a wheel built for another
+    torch or CUDA is found by importlib but fails to load its extension."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install 'fasttrain[flash]')"
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, OSError (undefined symbol), ...
+        return f"the flash-attn package is installed but does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention backend for a run on ``device`` computing in ``dtype`` (model.compute_dtype).
+
+    auto: flash_attn where it imports, else torch_varlen, on CUDA in fp16/bf16; the reference everywhere
+    else, including CUDA in fp32 (both flash kernels are 16-bit only)."""
     if requested not in BACKENDS:
         raise ValueError(f"model.attention_backend={requested!r}: expected one of {BACKENDS}")
     on_cuda = device.type == "cuda"
-    has_flash_attn = importlib.util.find_spec("flash_attn") is not None
     has_torch_varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
     if requested == "auto":
-        if on_cuda and has_flash_attn:
+        if not (on_cuda and dtype in FLASH_DTYPES):
+            return "reference"
+        reason = _flash_attn_import_error()
+        if reason is None:
             return "flash_attn"
-        if on_cuda and has_torch_varlen:
-            return "torch_varlen"
-        return "reference"
-    if requested == "flash_attn" and not (on_cuda and has_flash_attn):
-        raise RuntimeError(
-            "attention backend 'flash_attn' was asked for but "
-            + ("the flash-attn package is not installed (pip install 'fasttrain[flash]')" if not has_flash_attn
-               else f"it needs a CUDA device, and this run is on {device}")
-        )
-    if requested == "torch_varlen" and not (on_cuda and has_torch_varlen):
-        raise RuntimeError(
-            "attention backend 'torch_varlen' needs CUDA and torch.nn.attention.varlen (torch >= 2.10); "
-            f"this run is on {device} with torch {torch.__version__}"
-        )
+        if importlib.util.find_spec("flash_attn") is not None:  # installed but broken: say why it is not used
+            log.warning("attention backend auto: not flash_attn, because %s", reason)
+        return "torch_varlen" if has_torch_varlen else "reference"
+    if requested == "reference":
+        return requested
+    if not on_cuda:
+        raise RuntimeError(f"attention backend {requested!r} needs a CUDA device, and this run is on {device}")
+    if dtype not in FLASH_DTYPES:
+        raise RuntimeError(f"attention backend {requested!r} runs flash attention, which takes only float16 or "
+                           f"bfloat16; this run computes in {dtype} (set model.compute_dtype=bfloat16, or "
+                           "model.attention_backend=reference)")
+    if requested == "flash_attn":
+        reason = _flash_attn_import_error()
+        if reason:
+            raise RuntimeError(f"attention backend 'flash_attn' was asked for but {reason}")
+    if requested == "torch_varlen" and not has_torch_varlen:
+        raise RuntimeError("attention backend 'torch_varlen' needs torch.nn.attention.varlen (torch >= 2.10); "
+                           f"this is torch {torch.__version__}")
     return requested
 
 

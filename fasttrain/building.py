@@ -144,8 +144,13 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     if cfg.model.compile and trainable:  # logged once per run (a live reference shares the graphs)
         log.info("model.compile: torch.compile per decoder block (norm, q/k/v, RoPE | o_proj, norm, SwiGLU; "
                  "attention eager); the first micro-batches compile")
-    fdist.shard_model(model, compute_dtype, cpu_offload=cfg.model.cpu_offload and trainable)
-    model.to_empty(device=dist_info.device)
+    offload = cfg.model.cpu_offload and trainable
+    fdist.shard_model(model, compute_dtype, cpu_offload=offload)
+    # With CPU offload the sharded parameters live in host memory, and FSDP2 checks that they were
+    # materialised there at the first forward ("FSDP parameters should be materialized on CPU when enabling CPU
+    # offloading"): to_empty(cuda) would leave each DTensor on cuda even after FSDP2 moves its local shard.
+    # The model has no buffers (RoPE tables are cached per device at first use), so nothing else must follow.
+    model.to_empty(device=torch.device("cpu") if offload else dist_info.device)
     model.reset_buffers()
     if init_weights is not None:
         init_weights(model)

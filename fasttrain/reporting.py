@@ -12,6 +12,48 @@ from pathlib import Path
 log = logging.getLogger("fasttrain")
 
 
+class TrainingPeakMemory:
+    """Peak allocated GPU memory of the training steps of one log interval (``peak_mem_gib``).
+
+    torch.cuda.max_memory_allocated is the peak since the last reset: read alone, every row would show the
+    process's all-time peak (reference precompute and evaluations included) and could never go down. This
+    resets it at the start of each interval and around pauses (evaluation, checkpoints), and keeps the larger
+    of the readings taken at pause and at report. None on devices other than CUDA.
+    """
+
+    def __init__(self, device, cuda=None):
+        self.device = device
+        self.cuda = cuda  # torch.cuda, or a stand-in in tests
+        self.on = device.type == "cuda"
+        self.peak_bytes = 0
+
+    def _api(self):
+        if self.cuda is None:
+            import torch
+
+            self.cuda = torch.cuda
+        return self.cuda
+
+    def start(self) -> None:
+        """Training (re)starts: what ran before does not count."""
+        if self.on:
+            self._api().reset_peak_memory_stats(self.device)
+
+    def pause(self) -> None:
+        """Training pauses (an evaluation or a checkpoint follows): keep the training peak so far."""
+        if self.on:
+            self.peak_bytes = max(self.peak_bytes, self._api().max_memory_allocated(self.device))
+
+    def report(self) -> float | None:
+        """The interval's training peak in GiB; the next interval starts from zero."""
+        if not self.on:
+            return None
+        self.pause()
+        peak, self.peak_bytes = self.peak_bytes, 0
+        self.start()
+        return peak / 2**30
+
+
 def setup_logging(is_main: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,

@@ -46,7 +46,7 @@ from fasttrain.loss import (
 )
 from fasttrain.packing import pack_groups
 from fasttrain.reference import model_fingerprint
-from fasttrain.reporting import MetricsLogger, ProgressBar, plot_curves, setup_logging
+from fasttrain.reporting import MetricsLogger, ProgressBar, TrainingPeakMemory, plot_curves, setup_logging
 from fasttrain.schedule import plan_inference, plan_steps
 
 log = logging.getLogger("fasttrain")
@@ -154,8 +154,8 @@ def train(cfg: RunConfig) -> dict:
     if cfg.model.cpu_offload and device.type != "cuda":
         raise UserError("model.cpu_offload=true moves the sharded training state from GPU memory to host memory; "
                         f"this run is on {device.type}, where it already lives in host memory: set it to false")
-    backend = resolve_backend(cfg.model.attention_backend, device)
     try:
+        backend = resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype))
         lm_head = resolve_lm_head(cfg.model.lm_head_impl, device)
     except RuntimeError as e:
         raise UserError(str(e)) from None
@@ -175,6 +175,16 @@ def train(cfg: RunConfig) -> dict:
                            cfg.train.epochs, cfg.train.max_steps)
     except ValueError as e:
         raise UserError(f"{cfg.data.train}: {e}") from None
+    if cfg.model.cpu_offload:
+        most = max(len(mbs) for plan in plans for mbs in plan.micro_batches)
+        if most > 1:
+            # FSDP2 copies a gradient to host memory asynchronously only when none is being accumulated:
+            # from a step's second micro-batch on, every block's copy blocks the host and adds on the CPU.
+            log.warning("model.cpu_offload with up to %d micro-batches per rank per step: from the second one on, "
+                        "each block's gradient copy to host memory blocks and is summed on the CPU. One "
+                        "micro-batch per step (train.tokens_per_micro_batch >= the tokens of "
+                        "global_batch_pairs / world size pairs, or more GPUs) keeps the copies asynchronous",
+                        most)
     n_shared = sum(len(g.continuations) > 2 for g in train_groups)
     log.info("%d pairs in %d prompt groups (%d with >2 continuations); %d optimizer steps of %d pairs",
              len(train_data), len(train_groups), n_shared, len(plans), cfg.train.global_batch_pairs)
@@ -291,6 +301,8 @@ class TrainLoop:
         t_last = t_ckpt = time.perf_counter()
         interval = np.zeros(n_fields + 2)  # metric sums, tokens, flops since the last log row
         pairs_since = 0
+        peak_memory = TrainingPeakMemory(device)
+        peak_memory.start()
         for plan in plans:
             step = plan.step + 1
             my_batches = plan.micro_batches[rank]
@@ -335,7 +347,7 @@ class TrainLoop:
                     "grad_norm": norm, "lr": lr,
                     "tokens_per_s": interval[n_fields] / elapsed, "pairs_per_s": pairs_since / elapsed,
                     "mfu": interval[n_fields + 1] / elapsed / (peak * self.dist.world_size) if peak else None,
-                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                    "peak_mem_gib": peak_memory.report(),
                 }
                 self.last_row = row
                 if self.logger:
@@ -346,6 +358,7 @@ class TrainLoop:
                 pairs_since = 0
                 t_last = time.perf_counter()
             t_pause = time.perf_counter()
+            peak_memory.pause()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
                 run_evals(step)
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or values[-1] > 0:
@@ -355,6 +368,7 @@ class TrainLoop:
             if cfg.train.export_every and step % cfg.train.export_every == 0 and step != total_steps:
                 export(step)
             t_last += time.perf_counter() - t_pause  # throughput counts training time only
+            peak_memory.start()  # and peak memory the training steps only
 
     def _skip(self, step: int, plan, norm: float, loss_sum: float) -> None:
         self.consecutive_skips += 1

@@ -196,7 +196,7 @@ def available(backend: str) -> None:
     if backend == "reference":
         return
     try:
-        resolve_backend(backend, DEVICE)
+        resolve_backend(backend, DEVICE, torch.bfloat16)  # the flash backends are tested in bf16
     except RuntimeError as e:
         pytest.skip(str(e))
 

@@ -315,3 +315,11 @@ def test_on_device_init_of_a_bf16_copy_is_the_fp32_init_rounded():
     for (name, p32), (_, p16) in zip(policy.named_parameters(), frozen.named_parameters()):
         assert p16.dtype == torch.bfloat16 and torch.equal(p16, p32.to(torch.bfloat16)), name
     assert policy.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_the_model_registers_no_buffers():
+    """building.py materialises an offloaded model on the CPU and relies on this: a registered buffer would be
+    left in host memory while the forward runs on the GPU (RoPE tables are cached per device instead)."""
+    for case in CASES.values():
+        model = build_model(ModelConfig.from_hf_dict({**BASE, **case}), device="meta", dtype=torch.float32)
+        assert list(model.named_buffers()) == [], case
