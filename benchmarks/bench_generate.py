@@ -17,6 +17,11 @@ left-padded batches sorted by length, KV cache, greedy decoding, ``torch.inferen
   prefill, giving prompt tokens/s -- and (b) the full length. Reported: median wall time per batch,
   generated tokens/s (new tokens / wall time, prefill included: what the eval's summary reports),
   decode tokens/s and ms per decoding step (full minus prefill), peak GPU memory during (b).
+* Reading the rows (from transformers 5.17's source, not measured): a left-padded batch carries an attention
+  mask, and with a mask transformers' SDPA path does not use grouped-query attention natively: it expands the
+  KV cache to every query head (6x here: 12 heads / 2 KV heads) in every layer and step, and its dynamic cache
+  re-concatenates per step. B = 1 has no mask and keeps native GQA. So the B = 1 and B > 1 rows do not run
+  the same attention code; a drop in per-sequence decode speed at large B is partly that, not the card.
 
     python benchmarks/bench_generate.py                          # 1.5B shape, B = 1, 32, 256, on CUDA
     python benchmarks/bench_generate.py --batch-sizes 1,64 --max-new-tokens 512 --json out.json

@@ -8,7 +8,9 @@ For each (N, D) with V = 152064 in bf16: forward + backward time of logp = log_s
 upstream gradient (CUDA events, warmup then the median of reps), TFLOP/s counted as 8*N*V*D / time (2 forward,
 2 recompute, 4 backward; the same count for every implementation so the numbers compare), and the peak extra
 memory: torch.cuda.max_memory_allocated during the step minus what was allocated before it (inputs) minus the
-dh / dW outputs. Needs CUDA.
+dh / dW outputs ("extra GiB", the issue's measure; "mem/eager" is its ratio to eager's). Eager's peak comes in
+log_softmax's backward, before dW exists, so subtracting dW understates eager's extra (by ~9% at N=8192,
+D=4096); "peak-in" is the peak minus the inputs with nothing subtracted, to read both ways. Needs CUDA.
 
     python benchmarks/bench_logprob.py            # N in {2048, 8192, 32768} x D in {1536, 4096, 8192}
     python benchmarks/bench_logprob.py --quick    # N=2048 and 8192, D=1536 and 4096
@@ -74,7 +76,7 @@ def bench_one(fn, h0, w0, t, g, warmup, reps):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times), 0, (logp_of(fn, h, w, t), h.grad, w.grad)
+        return statistics.median(times), 0, 0, (logp_of(fn, h, w, t), h.grad, w.grad)
     torch.cuda.synchronize()
     h.grad = w.grad = None
     torch.cuda.empty_cache()
@@ -93,7 +95,7 @@ def bench_one(fn, h0, w0, t, g, warmup, reps):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times), peak_extra, (logp_of(fn, h, w, t), h.grad, w.grad)
+    return statistics.median(times), peak_extra, grads, (logp_of(fn, h, w, t), h.grad, w.grad)
 
 
 def logp_of(fn, h, w, t):
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     for note in notes:
         print(f"# {note}")
     print(f"{'N':>6} {'D':>5} {'impl':>8} {'ms':>9} {'TFLOP/s':>8} {'extra GiB':>9} {'x eager':>7} "
-          f"{'mem/eager':>9} {'err':>8}")
+          f"{'mem/eager':>9} {'peak-in':>8} {'err':>8}")
     summary = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for D in Ds:
@@ -162,14 +164,14 @@ def main(argv=None) -> int:
             # eager first: the ratios and errors of the others are against it
             for name in sorted(names, key=lambda n: n != "eager"):
                 try:
-                    sec, extra, outs = bench_one(impls[name], h, w, t, g, args.warmup, args.reps)
+                    sec, extra, grads, outs = bench_one(impls[name], h, w, t, g, args.warmup, args.reps)
                     if name == "eager":
                         eager_row = (sec, extra, outs)
                     speed = f"{eager_row[0] / sec:>7.2f}" if eager_row else f"{'-':>7}"
                     mem = f"{extra / eager_row[1]:>9.3f}" if eager_row and eager_row[1] > 0 else f"{'-':>9}"
                     err = f"{rel_err(outs, eager_row[2]):>8.1e}" if eager_row and name != "eager" else f"{'-':>8}"
                     print(f"{N:>6} {D:>5} {name:>8} {sec * 1e3:>9.2f} {flops / sec / 1e12:>8.1f} "
-                          f"{extra / 2**30:>9.2f} {speed} {mem} {err}", flush=True)
+                          f"{extra / 2**30:>9.2f} {speed} {mem} {(extra + grads) / 2**30:>8.2f} {err}", flush=True)
                     summary.append((N, D, name, flops / sec / 1e12, speed.strip(), mem.strip()))
                     del outs
                 except torch.OutOfMemoryError:
@@ -205,7 +207,7 @@ def sweep(args) -> int:
         for block_n, block_c, warps in ((4, 1024, 4), (8, 1024, 8), (2, 2048, 4), (1, 4096, 8)):
             lm_head_chunked.CHUNK_BYTES = chunk_mib * 2**20
             lm_head_chunked.GPU_EPILOGUE = dict(BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
-            sec, extra, _ = bench_one(lm_head_logprobs_chunked, h, w, t, g, 2, 5)
+            sec, extra, _, _ = bench_one(lm_head_logprobs_chunked, h, w, t, g, 2, 5)
             print(f"chunked chunk={chunk_mib}MiB epilogue={block_n}x{block_c}/{warps}w  {sec * 1e3:8.2f} ms "
                   f"{flops / sec / 1e12:6.0f} TFLOP/s  extra {extra / 2**30:.2f} GiB", flush=True)
     lm_head_chunked.CHUNK_BYTES, lm_head_chunked.GPU_EPILOGUE = chunked_default
@@ -214,7 +216,7 @@ def sweep(args) -> int:
                                       (128, 256, 64, 8, 3), (128, 128, 128, 8, 2)):
         lm_head_triton.GPU_BLOCKS = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
         try:
-            sec, extra, _ = bench_one(lm_head_logprobs_triton, h, w, t, g, 1, 3)
+            sec, extra, _, _ = bench_one(lm_head_logprobs_triton, h, w, t, g, 1, 3)
             print(f"triton blocks={bn}x{bv}x{bd} {warps}w {stages}s  {sec * 1e3:8.2f} ms "
                   f"{flops / sec / 1e12:6.0f} TFLOP/s  extra {extra / 2**30:.2f} GiB", flush=True)
         except Exception as e:  # e.g. out of shared memory for a large tile: report and go on

@@ -23,7 +23,8 @@ T = real tokens in the packed stream (a shared prompt once), A = attended keys s
 N = LM-head rows (step tokens), P_blocks = decoder-block parameters. Activation-checkpoint recompute,
 the duplicated prompt K/V and the optimizer are not counted (not needed work). Wall time: ``--steps``
 optimizer steps after ``--warmup`` untimed ones, between two CUDA synchronisations; peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps.
+``torch.cuda.max_memory_allocated`` over the timed steps (read through the loop's
+TrainingPeakMemory: the loop resets CUDA's counter per log interval).
 
     python benchmarks/bench_step.py --shape qwen2-1.5b --reference both
     python benchmarks/bench_step.py --shape llama3-8b --reference precomputed       # layers reduced to fit
@@ -251,15 +252,14 @@ def measure(args, cfg, dist_info, model, reference, ref_name: str, counter: Coun
     warm, timed = plans[: args.warmup], plans[args.warmup : args.warmup + args.steps]
     run_steps(loop, warm)  # first steps: cuBLAS/Triton autotuning, allocator growth, AdamW state
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    loop.peak_memory.start_span()  # the loop resets CUDA's peak counter itself: read its training peak
     counter.reset()
     rows.rows.clear()
     t0 = time.perf_counter()
     run_steps(loop, timed)
     sync(device)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    peak = loop.peak_memory.span_peak_gib()
     if args.profile:
         profile_steps(loop, plans[args.warmup + args.steps :], device)
     losses = [r["loss"] for r in rows.rows]
@@ -365,10 +365,10 @@ def main(argv=None) -> int:
 
     header = describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups, plans)
     print(header, flush=True)
+    results, rc = [], 0
     try:
         model = build_random_sharded(model_cfg, cfg, dist_info, backend, trainable=True, seed=args.seed)
         counter = CountingFlops(FlopModel.of(model_cfg))
-        results = []
         refs = ("precomputed", "live") if args.reference == "both" else (args.reference,)
         for ref_name in refs:
             reference, pre_s = make_reference(ref_name, model_cfg, cfg, dist_info, backend, lm_head, model, groups,
@@ -377,15 +377,17 @@ def main(argv=None) -> int:
             del reference
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    except torch.cuda.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:  # what was measured before it is still reported below
         print(f"\nout of GPU memory with {layers} layers ({e.__class__.__name__}); pass a smaller --layers, "
               "--tokens-per-micro-batch, or --reference precomputed", file=sys.stderr)
-        return 3
+        rc = 3
     except UserError as e:  # check_memory_plan: the training state alone cannot fit
         print(f"\nbench_step: {e}", file=sys.stderr)
         return 2
     finally:
         fdist.cleanup()
+    if not results:
+        return rc
     print(format_results(results, device.type == "cuda"))
     summary = {"shape": args.shape, "layers": layers, "layers_note": layers_note,
                "params": num_params(model_cfg), "device": device_name(device), "torch": torch.__version__,
@@ -398,7 +400,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(rec), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
-    return 0
+    return rc
 
 
 def make_reference(name, model_cfg, cfg, dist_info, backend, lm_head, policy, groups, args):

@@ -299,10 +299,9 @@ def flop_model(spec: BenchSpec):
 
 
 def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed_s: float, device,
-                  losses: list[float], grad_norms: list[float]) -> VariantResult:
-    """Rates, MFU, peak memory and the loss sanity check from what a variant measured."""
-    import torch
-
+                  losses: list[float], grad_norms: list[float], peak_bytes: int | None) -> VariantResult:
+    """Rates, MFU, peak memory and the loss sanity check from what a variant measured. ``peak_bytes``: peak
+    allocated over the whole variant (model loading, reference precompute and training), CUDA only."""
     result.timed_steps, result.timed_pairs, result.timed_s = spec.timed_steps, work.pairs, timed_s
     result.pairs_per_s = work.pairs / timed_s
     result.seq_tokens_per_s = work.seq_tokens / timed_s
@@ -311,7 +310,7 @@ def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed
         result.padding_fraction = 1.0 - work.processed_tokens / work.padded_tokens
     if device.type == "cuda":
         result.mfu = work.flops / timed_s / (H100_BF16_TFLOPS * 1e12)
-        result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        result.peak_gib = peak_bytes / 2**30
     result.losses = losses
     result.first_loss = losses[0] if losses else None
     result.all_finite = bool(losses) and all(math.isfinite(x) for x in losses + grad_norms)
@@ -451,6 +450,9 @@ def run_trl(spec: BenchSpec, name: str) -> VariantResult:
     transformers.logging.set_verbosity_warning()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
+        # the allocator exists only once CUDA is initialised; resetting its stats before that raises
+        # ("Invalid device argument 0: did you call init?")
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
     pairs = load_pairs(spec, tokenizer)
@@ -507,7 +509,8 @@ def run_trl(spec: BenchSpec, name: str) -> VariantResult:
         "global_batch": spec.global_batch,
     }
     work = trl_work(spec, recorder.batches, live_reference=name in LIVE_REFERENCE)
-    result = finish_result(result, spec, work, timed_s, device, clock.losses, clock.grad_norms)
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # never reset
+    result = finish_result(result, spec, work, timed_s, device, clock.losses, clock.grad_norms, peak_bytes)
     del trainer, model
     return result
 
@@ -654,6 +657,9 @@ def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
         recorder = StepRecorder(device, spec.warmup_steps)
         loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, params, refs.train, FlopModel.of(model.config),
                          recorder, Faults())
+        # The loop resets CUDA's peak counter per log interval: the variant's peak is the larger of what came
+        # before it (model building, precompute) and the loop's own training peak.
+        before_loop = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         loop.run(plans, len(plans), lambda step: {}, lambda step: None, lambda step: None)
         device_sync(device)
         t_end = time.perf_counter()
@@ -676,7 +682,9 @@ def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
         if loop.skipped_steps:  # a skipped (non-finite) step has no row: make the sanity check see it
             losses.append(float("nan"))
         work = fasttrain_work(spec, plans, live_reference=name in LIVE_REFERENCE)
-        result = finish_result(result, spec, work, t_end - recorder.t_start, device, losses, grad_norms)
+        peak_bytes = max(before_loop, loop.peak_memory.span_peak_bytes()) if device.type == "cuda" else None
+        result = finish_result(result, spec, work, t_end - recorder.t_start, device, losses, grad_norms,
+                               peak_bytes)
         del loop, refs, optimizer, model
         return result
     finally:

@@ -145,7 +145,7 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
         log.info("model.compile: torch.compile per decoder block (norm, q/k/v, RoPE | o_proj, norm, SwiGLU; "
                  "attention eager); the first micro-batches compile")
     offload = cfg.model.cpu_offload and trainable
-    fdist.shard_model(model, compute_dtype, cpu_offload=offload)
+    fdist.shard_model(model, compute_dtype, frozen=not trainable, cpu_offload=offload)
     # With CPU offload the sharded parameters live in host memory, and FSDP2 checks that they were
     # materialised there at the first forward ("FSDP parameters should be materialized on CPU when enabling CPU
     # offloading"): to_empty(cuda) would leave each DTensor on cuda even after FSDP2 moves its local shard.
@@ -167,27 +167,32 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
 
 
 def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo, trainable: bool) -> None:
-    """Fail before allocating anything when the sharded training state cannot fit the GPU (DESIGN §6).
+    """Fail before allocating anything when the sharded state cannot fit the GPU (DESIGN §6).
 
-    Trainable: fp32 params + fp32 grads + AdamW m, v = 16 bytes/param, sharded over all ranks (host
-    memory instead with model.cpu_offload). Frozen live reference: compute-dtype shards, 2 bytes/param in bf16.
-    Activations and the gathered bf16 blocks come on top, so at most 85% of the card is planned.
+    Both models of a run count, whichever is being built: the trainable one's fp32 params + fp32 grads +
+    AdamW m, v = 16 bytes/param (host memory instead with model.cpu_offload), and a live reference's frozen
+    compute-dtype shards (2 bytes/param in bf16), all sharded over every rank. Activations and the gathered
+    bf16 blocks come on top, so at most 85% of the card is planned.
     """
     if dist_info.device.type != "cuda":
         return
     from fasttrain.model.config import num_params
 
     n = num_params(model_cfg)
-    frozen_bytes = torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
-    bytes_per_param = (0 if cfg.model.cpu_offload else 16) if trainable else frozen_bytes
+    policy_bytes = 0 if cfg.model.cpu_offload else 16
+    reference_bytes = (torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
+                       if cfg.loss.reference == "live" else 0)
+    bytes_per_param = policy_bytes + reference_bytes
     need = n * bytes_per_param / dist_info.world_size
     have = torch.cuda.get_device_properties(dist_info.device).total_memory
     if need > 0.85 * have:
+        parts = [f"{policy_bytes} bytes/param training state"]
+        if reference_bytes:
+            parts.append(f"{reference_bytes} bytes/param live reference")
         raise UserError(
-            f"{'training state' if trainable else 'live reference'} of {n / 1e9:.1f}B params needs "
-            f"{need / 2**30:.1f} GiB per GPU on {dist_info.world_size} GPU(s) "
-            f"({bytes_per_param} bytes/param sharded), more than 85% of this card's {have / 2**30:.0f} GiB. "
-            "Use more GPUs (nodes), model.cpu_offload=true, or loss.reference=precompute."
+            f"the sharded state of {n / 1e9:.1f}B params needs {need / 2**30:.1f} GiB per GPU on "
+            f"{dist_info.world_size} GPU(s) ({' + '.join(parts)}), more than 85% of this card's "
+            f"{have / 2**30:.0f} GiB. Use more GPUs (nodes), model.cpu_offload=true, or loss.reference=precompute."
         )
 
 

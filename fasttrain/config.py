@@ -81,6 +81,9 @@ class TrainSection:
     keep_checkpoints: int = 2  # the newest K resumable checkpoints are kept
     export_every: int = 0  # also export an HF checkpoint to output_dir/exports/step-N every N steps (0: off)
     max_consecutive_skips: int = 3  # non-finite loss/grad-norm steps in a row before the run stops
+    # How long a rank waits in a collective before the run aborts. Ranks wait at a barrier while rank 0 alone
+    # writes an HF export (~145 GB at 72B) or prunes an old checkpoint: raise it on a slow shared filesystem.
+    dist_timeout_minutes: float = 30.0
     tensorboard: bool = True  # used when tensorboard is installed
     plot: bool = True  # PNG of the curves when matplotlib is installed
 
@@ -140,6 +143,7 @@ class RunConfig:
             ("adam_beta1", 0 <= t.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= t.adam_beta2 < 1, "in [0, 1)"),
             ("adam_eps", t.adam_eps > 0, "> 0"), ("max_grad_norm", t.max_grad_norm > 0, "> 0"),
             ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+            ("dist_timeout_minutes", t.dist_timeout_minutes > 0, "> 0"),
         ):
             if not ok:
                 raise ConfigError(f"train.{key}={getattr(t, key)!r}: expected {expected}")

@@ -79,14 +79,17 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
 
 
 def shard_model(
-    model: torch.nn.Module, compute_dtype: torch.dtype, reshard_last: bool = False, cpu_offload: bool = False
+    model: torch.nn.Module, compute_dtype: torch.dtype, frozen: bool = False, cpu_offload: bool = False
 ) -> None:
     """fully_shard every decoder block, then the root (embedding, final norm, LM head).
 
     Parameters stay fp32 (the master copy the optimizer updates); FSDP casts the gathered copy to
     ``compute_dtype`` and reduces gradients in fp32 (DESIGN §6: bf16 masters would drop lr-5e-7 updates).
-    The last block is not resharded after forward: backward needs it first, so gathering it twice
-    would be wasted communication.
+    A trainable model keeps the root and the last block gathered after forward: backward needs them first,
+    so gathering them twice would be wasted communication. A ``frozen`` model (the live reference) never runs
+    backward, and only backward frees what forward keeps (FSDP2's root reshards in backward alone), so
+    every module of it reshards after its forward: otherwise each GPU would hold a gathered copy of the
+    embedding, LM head and last block for the whole run (~6.7 GB in bf16 at 72B).
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     extra = {}
@@ -96,9 +99,10 @@ def shard_model(
         extra["offload_policy"] = CPUOffloadPolicy()
     layers = model.model.layers
     for i, block in enumerate(layers):
-        last = i == len(layers) - 1
-        fully_shard(block, mp_policy=policy, reshard_after_forward=not last or reshard_last, **extra)
-    fully_shard(model, mp_policy=policy, **extra)
+        keep = i == len(layers) - 1 and not frozen
+        fully_shard(block, mp_policy=policy, reshard_after_forward=not keep, **extra)
+    # None: FSDP2's root default (kept after forward); True: resharded as soon as forward is done.
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True if frozen else None, **extra)
 
 
 def reshard_all(model: torch.nn.Module) -> None:

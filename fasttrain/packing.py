@@ -165,6 +165,9 @@ class AttentionMeta:
         return self.cu_seqlens_q.numel() - 1
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "AttentionMeta":
+        host_cu = self._host_cu
+        if host_cu is None and self.cu_seqlens_q.device.type == "cpu":  # free here, a sync once on the GPU
+            host_cu = (self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist())
         return AttentionMeta(
             to_device(self.kv_index_K, device, non_blocking),
             to_device(self.cu_seqlens_q, device, non_blocking),
@@ -172,10 +175,14 @@ class AttentionMeta:
             self.max_seqlen_q,
             self.max_seqlen_k,
             self.kv_is_identity,
+            _host_cu=host_cu,
         )
 
     def host_cu_seqlens(self) -> tuple[list[int], list[int]]:
-        """cu_seqlens as Python lists (reference backend only; cached, one transfer per batch)."""
+        """cu_seqlens as Python lists (reference backend only). Taken from the host copy in ``to()``, so a
+        batch moved to the GPU needs no device->host sync for them. The copy is a dataclass field, so it also
+        survives FSDP2, which rebuilds every dataclass input of every block (dataclasses.replace) to cast its
+        tensors: a cache filled on one block's copy would be lost to the next block."""
         if self._host_cu is None:
             self._host_cu = (self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist())
         return self._host_cu

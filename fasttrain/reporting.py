@@ -13,19 +13,22 @@ log = logging.getLogger("fasttrain")
 
 
 class TrainingPeakMemory:
-    """Peak allocated GPU memory of the training steps of one log interval (``peak_mem_gib``).
+    """Peak allocated GPU memory of training steps only: per log interval (``peak_mem_gib``) and over a span.
 
     torch.cuda.max_memory_allocated is the peak since the last reset: read alone, every row would show the
     process's all-time peak (reference precompute and evaluations included) and could never go down. This
-    resets it at the start of each interval and around pauses (evaluation, checkpoints), and keeps the larger
-    of the readings taken at pause and at report. None on devices other than CUDA.
+    resets it when training (re)starts, i.e. at each interval and after pauses (evaluation, checkpoints), and
+    keeps the larger of the readings taken at pause and at report. Because it resets the process-wide counter,
+    code timing a TrainLoop reads the loop's training peak here (``span_peak_gib``), not from torch.cuda.
+    None on devices other than CUDA.
     """
 
     def __init__(self, device, cuda=None):
         self.device = device
         self.cuda = cuda  # torch.cuda, or a stand-in in tests
         self.on = device.type == "cuda"
-        self.peak_bytes = 0
+        self.interval_bytes = 0
+        self.span_bytes = 0
 
     def _api(self):
         if self.cuda is None:
@@ -42,16 +45,34 @@ class TrainingPeakMemory:
     def pause(self) -> None:
         """Training pauses (an evaluation or a checkpoint follows): keep the training peak so far."""
         if self.on:
-            self.peak_bytes = max(self.peak_bytes, self._api().max_memory_allocated(self.device))
+            reading = self._api().max_memory_allocated(self.device)
+            self.interval_bytes = max(self.interval_bytes, reading)
+            self.span_bytes = max(self.span_bytes, reading)
 
     def report(self) -> float | None:
         """The interval's training peak in GiB; the next interval starts from zero."""
         if not self.on:
             return None
         self.pause()
-        peak, self.peak_bytes = self.peak_bytes, 0
+        peak, self.interval_bytes = self.interval_bytes, 0
         self.start()
         return peak / 2**30
+
+    def start_span(self) -> None:
+        """Benchmarks: start measuring the training peak over the steps that follow."""
+        self.span_bytes = 0
+        self.start()
+
+    def span_peak_bytes(self) -> int | None:
+        """The training peak since ``start_span`` (or since this object was made)."""
+        if not self.on:
+            return None
+        self.pause()
+        return self.span_bytes
+
+    def span_peak_gib(self) -> float | None:
+        peak = self.span_peak_bytes()
+        return None if peak is None else peak / 2**30
 
 
 def setup_logging(is_main: bool) -> None:

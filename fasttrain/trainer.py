@@ -141,7 +141,8 @@ def evaluate(model, reference, micro_batches, device, cfg, world_size, flop_mode
 # ----------------------------------------------------------------------------------------------
 def train(cfg: RunConfig) -> dict:
     cfg.validate()
-    dist_info = fdist.init_distributed(cpu_offload=cfg.model.cpu_offload)
+    dist_info = fdist.init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes,
+                                       cpu_offload=cfg.model.cpu_offload)
     setup_logging(dist_info.is_main)
     torch.manual_seed(cfg.train.seed)
     device, world = dist_info.device, dist_info.world_size
@@ -291,6 +292,7 @@ class TrainLoop:
         self.consecutive_skips = 0
         self.skipped_steps: list[int] = []
         self.last_row: dict | None = None
+        self.peak_memory = TrainingPeakMemory(dist_info.device)  # per log row, and for benchmarks' spans
 
     def run(self, plans, total_steps, run_evals, checkpoint, export) -> None:
         cfg, device, rank = self.cfg, self.dist.device, self.dist.rank
@@ -301,7 +303,7 @@ class TrainLoop:
         t_last = t_ckpt = time.perf_counter()
         interval = np.zeros(n_fields + 2)  # metric sums, tokens, flops since the last log row
         pairs_since = 0
-        peak_memory = TrainingPeakMemory(device)
+        peak_memory = self.peak_memory
         peak_memory.start()
         for plan in plans:
             step = plan.step + 1

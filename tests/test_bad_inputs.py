@@ -684,6 +684,7 @@ CONFIG_BUGS = [
     ("train.adam_beta1=2", "torch.optim.AdamW raises its own ValueError at start-up"),
     ("train.weight_decay=-1", "torch.optim.AdamW raises its own ValueError at start-up"),
     ("train.max_grad_norm=-1", "negative clipping norm accepted"),
+    ("train.dist_timeout_minutes=0", "a zero collective timeout aborts the first collective"),
 ]
 
 

@@ -51,3 +51,19 @@ def test_not_on_cuda_is_none():
     peak.start()
     peak.pause()
     assert peak.report() is None
+
+
+def test_a_span_keeps_the_training_peak_across_the_loops_own_resets():
+    """What benchmarks read: the loop resets CUDA's counter per interval, the span remembers the maximum."""
+    stats = FakeAllocatorStats()
+    stats.allocated = 1 * GIB
+    peak = TrainingPeakMemory(torch.device("cuda"), cuda=stats)
+    stats.use(50)  # warmup steps, before the span
+    peak.start_span()
+    stats.use(11)
+    assert peak.report() == 11
+    stats.use(13)
+    peak.report()
+    stats.use(6)
+    assert peak.span_peak_gib() == 13
+    assert peak.span_peak_bytes() == 13 * GIB

@@ -23,8 +23,8 @@ class _Out:
 
 
 class _Result:
-    def __init__(self, prompt: str, texts: list[str]):
-        self.prompt_token_ids = list(range(len(prompt.split())))
+    def __init__(self, prompt: dict, texts: list[str]):
+        self.prompt_token_ids = list(prompt["prompt_token_ids"])  # vLLM's TokensPrompt
         self.outputs = [_Out(t) for t in texts]
 
 
@@ -50,6 +50,7 @@ def fake_vllm(monkeypatch):
             return AutoTokenizer.from_pretrained(str(DEMO_MODEL))
 
         def generate(self, prompts, params):
+            seen.setdefault("prompts", []).append(prompts)
             n = params.kw["n"]
             # "The answer is <k>" for prompt k, so grading has something to check
             return [_Result(p, [f"Step 1: so. The answer is {k + 2}."] * n) for k, p in enumerate(prompts)]
@@ -72,9 +73,14 @@ def test_engine_and_sampling_parameters(fake_vllm):
     sampled = gen.generate(["a b c"], max_new_tokens=5, temperature=0.8, top_p=0.95, n=4, seed=1)
     assert fake_vllm["params"][-1]["n"] == 4 and fake_vllm["params"][-1]["top_p"] == 0.95
     assert len(sampled) == 1 and len(sampled[0]) == 4
+    # the engine gets token prompts built as training builds them (BOS once), not text it would re-tokenize
+    from fasttrain.data.tokenize import encode_prompts
+
+    ids_abc, ids_de = encode_prompts(gen.tokenizer, ["a b c", "d e"])
+    assert fake_vllm["prompts"][0] == [{"prompt_token_ids": ids_abc}, {"prompt_token_ids": ids_de}]
     # tokens: 2 + 4 sequences of 7 words; prompt tokens counted per returned sequence
     assert gen.stats.sequences == 6 and gen.stats.generated_tokens == 6 * 7
-    assert gen.stats.prompt_tokens == 3 + 2 + 4 * 3
+    assert gen.stats.prompt_tokens == len(ids_abc) + len(ids_de) + 4 * len(ids_abc)
     assert gen.generate([], max_new_tokens=5) == []
     with pytest.raises(ValueError):
         gen.generate(["x"], max_new_tokens=0)

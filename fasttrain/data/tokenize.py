@@ -154,13 +154,10 @@ def tokenize_records(
     stats.boundary_merges = len(chosen_merged) + len(rejected_merged)
 
     bos_id = getattr(tokenizer, "bos_token_id", None)
-    bos_text = getattr(tokenizer, "bos_token", None)
     prompts, chosens, rejecteds, record_ids = [], [], [], []
     for index, record in enumerate(records):
         text = prompt_texts[index]
-        prompt = unique_ids[text]
-        if bos_id is not None and not (bos_text and text.startswith(bos_text)):
-            prompt = [bos_id] + prompt
+        prompt = with_bos(tokenizer, text, unique_ids[text])
         try:
             prompt, chosen, rejected = _truncate(
                 record.record_id, prompt, chosen_steps[index], rejected_steps[index], bos_id,
@@ -245,6 +242,23 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
             f"need 0 < data.max_prompt_length < data.max_length (got max_prompt_length={max_prompt_length}, "
             f"max_length={max_length}): the step needs room after the prompt"
         )
+
+
+def with_bos(tokenizer, text: str, ids: list[int]) -> list[int]:
+    """``ids`` (the text encoded without special tokens) with the tokenizer's BOS in front, once: not when the
+    tokenizer has none (Qwen2), nor when the text already spells it (a chat template that writes
+    ``<|begin_of_text|>`` itself). Training and generation both build prompts this way, so a model is
+    evaluated on exactly the prompt tokens it was trained on."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    bos_text = getattr(tokenizer, "bos_token", None)
+    if bos_id is None or (bos_text and text.startswith(bos_text)):
+        return list(ids)
+    return [bos_id, *ids]
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Prompt token ids as training builds them: encoded without special tokens, then ``with_bos``."""
+    return [with_bos(tokenizer, text, ids) for text, ids in zip(texts, _encode(tokenizer, texts))]
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:

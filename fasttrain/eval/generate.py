@@ -13,8 +13,10 @@ Backends:
   (the tokenizer's and the generation config's EOS ids, plus ``<|im_end|>`` / ``<|eot_id|>`` when
   they are single tokens of the vocabulary). The checkpoint's other generation defaults
   (repetition penalty, top_k, ...) are not used: only the arguments given decide the decoding.
+  Prompts are tokenized as training tokenizes them (no special tokens, BOS once: ``with_bos``).
   bf16 on CUDA, fp32 on CPU; ``torch.inference_mode``; one host sync per batch for the results (plus
-  the one per decoding step that ``generate`` itself does for its stopping check). A tokenizer without
+  the ones per decoding step that ``generate`` itself does: its stopping check and, with padding, its
+  mask check). A tokenizer without
   a pad token gets ``pad = eos`` in memory only (no file is touched). Sampling is seeded: the same
   prompts, seed and batch size on the same machine give the same text. ``ignore_eos=True`` makes every
   sequence exactly ``max_new_tokens`` long (EOS is masked until then): for throughput benchmarks with
@@ -34,6 +36,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from fasttrain.data.tokenize import encode_prompts
 
 __all__ = ["GenStats", "Generator", "HFGenerator", "VLLMGenerator", "make_generator", "vllm_available"]
 
@@ -111,6 +115,14 @@ class HFGenerator:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, **{dtype_kw: dtype}).to(self.device)
         self.model.eval()
         self.stop_ids = self._stop_ids()
+        # generate() fills every field its GenerationConfig leaves unset from the model's own (transformers
+        # 5.x: _prepare_generation_config, defaults_only=True), so a checkpoint's generation_config.json
+        # (Qwen2 instruct: repetition_penalty 1.05, top_k 20, ...) would leak into "plain" greedy decoding.
+        # In memory only: a config that holds nothing but the stop and pad ids.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig(eos_token_id=self.stop_ids,
+                                                        pad_token_id=self.tokenizer.pad_token_id)
 
     def _stop_ids(self) -> list[int]:
         tok = self.tokenizer
@@ -171,7 +183,7 @@ class HFGenerator:
             return []
         greedy = temperature == 0
         reps = 1 if greedy else n  # greedy: one decode, copied n times
-        enc = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        enc = encode_prompts(self.tokenizer, list(prompts))  # BOS once, exactly as training builds prompts
         # every (prompt, repeat) is one sequence; sorted by length so a batch holds similar lengths
         # (little padding), longest first so the first batch shows an OOM early
         jobs = sorted(((i, r) for i in range(len(prompts)) for r in range(reps)),
@@ -234,8 +246,10 @@ class VLLMGenerator:
         sp = SamplingParams(n=1 if greedy else n, temperature=float(temperature),
                             top_p=1.0 if greedy else float(top_p), max_tokens=int(max_new_tokens),
                             seed=int(seed), ignore_eos=self.ignore_eos)
+        # token prompts built as training builds them: vLLM would add its own BOS in front of a chat template's
+        token_prompts = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, list(prompts))]
         t0 = time.perf_counter()
-        res = self.llm.generate(list(prompts), sp)
+        res = self.llm.generate(token_prompts, sp)
         self.stats.seconds += time.perf_counter() - t0
         out = []
         for r in res:
