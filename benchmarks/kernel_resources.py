@@ -40,7 +40,6 @@ import triton  # noqa: E402
 
 from fasttrain_kernels import lm_head_chunked, lm_head_triton  # noqa: E402
 
-H100_MAX_SHARED_BYTES = 232448  # 227 KiB: the opt-in dynamic shared memory per block on sm_90
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 V, D = 152064, 4096  # Qwen2 vocabulary and an 8B-class hidden size; only their divisibility by 16 matters here
 

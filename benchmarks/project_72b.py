@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import statistics
@@ -64,12 +63,12 @@ from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.model.decoder import DecoderLayer
 from fasttrain.model.rope import inv_freq, rope_cos_sin
 from fasttrain.packing import PackedBatch, build_groups, pack_groups
+from fasttrain.trainer import H100_BF16_TFLOPS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "fasttrain" / "configs" / "stepdpo_qwen2_72b.yaml"
 OFFICIAL_HOURS = 20.0  # the official recipe's wall time for Qwen2-72B on 8 x A100 (issue 5)
 TARGET_HOURS = 1.0  # issue 5's target on 8 x H100
-H100_BF16_TFLOPS = 785.0  # dense bf16 matmul measured on the H100 here (DESIGN §6)
 GIB = 2.0**30
 
 # Qwen2-72B's config.json (the fields the decoder reads). eps and rope do not change the cost.
@@ -590,22 +589,13 @@ def layer_memory(run: LayerRun, recompute: bool, cfg: ModelConfig) -> tuple[floa
 
 
 def lm_head_fn(impl: str):
-    """The decoder's own LM-head functions where it lists them (so new implementations are measurable)."""
+    """The decoder's own LM-head functions (so every implementation it has is measurable)."""
     from fasttrain.model import decoder
 
-    table = getattr(decoder, "LM_HEAD_FUNCTIONS", None)
-    if table is None:
-        from fasttrain_kernels.ops import lm_head_logprobs_triton
-        from fasttrain_kernels.reference import lm_head_logprobs
-
-        table = {"torch": lm_head_logprobs, "triton": lm_head_logprobs_triton}
+    table = decoder.LM_HEAD_FUNCTIONS
     if impl not in table:
         raise ValueError(f"--lm-head {impl!r}: expected one of {sorted(table)}")
     return table[impl]
-
-
-def supports_compiled() -> bool:
-    return "compiled" in inspect.signature(DecoderLayer.forward).parameters
 
 
 def measure_lm_head(cfg: ModelConfig, rows: int, device, dtype, impl: str, clock: Clock, warmup: int,
@@ -900,9 +890,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ma = MeasureArgs(args.layers, tokens, args.prompt_len or ((16, 48) if args.smoke else (96, 512)),
                          args.step_len or ((4, 12) if args.smoke else (16, 128)), args.lm_head,
                          args.attention_backend, args.warmup, args.reps, args.compile)
-        if args.compile and not supports_compiled():
-            print("--compile: this fasttrain's DecoderLayer.forward has no `compiled` argument", file=sys.stderr)
-            return 2
         try:
             lm_head_fn(args.lm_head)
         except ValueError as e:

@@ -32,10 +32,10 @@ BACKENDS = ("auto", "flash_attn", "torch_varlen", "reference")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _flash_attn_import_error() -> str | None:
+def _flash_attn_import_error(installed: bool) -> str | None:
     """None when flash-attn imports; otherwise why not. Imported, not just found: a wheel built for another
     torch or CUDA is found by importlib but fails to load its extension."""
-    if importlib.util.find_spec("flash_attn") is None:
+    if not installed:
         return "the flash-attn package is not installed (pip install 'fasttrain[flash]')"
     try:
         from flash_attn import flash_attn_varlen_func  # noqa: F401
@@ -53,13 +53,14 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
         raise ValueError(f"model.attention_backend={requested!r}: expected one of {BACKENDS}")
     on_cuda = device.type == "cuda"
     has_torch_varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    has_flash_attn = importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
         if not (on_cuda and dtype in FLASH_DTYPES):
             return "reference"
-        reason = _flash_attn_import_error()
+        reason = _flash_attn_import_error(has_flash_attn)
         if reason is None:
             return "flash_attn"
-        if importlib.util.find_spec("flash_attn") is not None:  # installed but broken: say why it is not used
+        if has_flash_attn:  # installed but broken: say why it is not used
             log.warning("attention backend auto: not flash_attn, because %s", reason)
         return "torch_varlen" if has_torch_varlen else "reference"
     if requested == "reference":
@@ -71,7 +72,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
                            f"bfloat16; this run computes in {dtype} (set model.compute_dtype=bfloat16, or "
                            "model.attention_backend=reference)")
     if requested == "flash_attn":
-        reason = _flash_attn_import_error()
+        reason = _flash_attn_import_error(has_flash_attn)
         if reason:
             raise RuntimeError(f"attention backend 'flash_attn' was asked for but {reason}")
     if requested == "torch_varlen" and not has_torch_varlen:

@@ -132,7 +132,8 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
         model_cfg.check_max_length(cfg.data.max_length)
     except ValueError as e:
         raise UserError(str(e)) from None
-    check_memory_plan(model_cfg, cfg, dist_info, trainable)
+    if trainable:  # the plan covers a live reference too, so building the reference repeats nothing
+        check_memory_plan(model_cfg, cfg, dist_info)
     compute_dtype = getattr(torch, cfg.model.compute_dtype)
     model = build_model(model_cfg, device="meta", dtype=torch.float32 if trainable else compute_dtype)
     model.set_attention_backend(backend)
@@ -166,10 +167,10 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     return model
 
 
-def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo, trainable: bool) -> None:
+def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo) -> None:
     """Fail before allocating anything when the sharded state cannot fit the GPU (DESIGN §6).
 
-    Both models of a run count, whichever is being built: the trainable one's fp32 params + fp32 grads +
+    Both models of a run count: the trainable one's fp32 params + fp32 grads +
     AdamW m, v = 16 bytes/param (host memory instead with model.cpu_offload), and a live reference's frozen
     compute-dtype shards (2 bytes/param in bf16), all sharded over every rank. Activations and the gathered
     bf16 blocks come on top, so at most 85% of the card is planned.
@@ -220,7 +221,7 @@ def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, po
             continue
         groups = groups_of(data)
         key = {"model": model_fp, "tokens": tokenized_fingerprint(data), "dtype": cfg.model.compute_dtype,
-               "lm_head": resolve_lm_head(cfg.model.lm_head_impl, dist_info.device)}
+               "lm_head": policy.lm_head_impl}
         if cfg.model.compile:  # fused kernels round differently; only set when on, so eager keys are unchanged
             key["compile"] = True
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

@@ -263,7 +263,7 @@ class PackedBatch:
 def pack_groups(groups: Sequence[PromptGroup]) -> PackedBatch:
     """Lay out prompt groups as one prefix-shared varlen batch (host work, numpy, no per-token loops).
 
-    An empty list gives a one-token dummy batch with no pairs; ranks that run out of work in a step
+    An empty list gives a two-token dummy batch with no pairs; ranks that run out of work in a step
     run it so that every rank issues the same FSDP collectives.
     """
     if len(groups) == 0:

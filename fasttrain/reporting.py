@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("fasttrain")
 
 
@@ -17,7 +19,7 @@ class TrainingPeakMemory:
 
     torch.cuda.max_memory_allocated is the peak since the last reset: read alone, every row would show the
     process's all-time peak (reference precompute and evaluations included) and could never go down. This
-    resets it when training (re)starts, i.e. at each interval and after pauses (evaluation, checkpoints), and
+    resets it when training starts, after each report and after each pause (evaluation, checkpoint), and
     keeps the larger of the readings taken at pause and at report. Because it resets the process-wide counter,
     code timing a TrainLoop reads the loop's training peak here (``span_peak_gib``), not from torch.cuda.
     None on devices other than CUDA.
@@ -25,27 +27,20 @@ class TrainingPeakMemory:
 
     def __init__(self, device, cuda=None):
         self.device = device
-        self.cuda = cuda  # torch.cuda, or a stand-in in tests
+        self.cuda = cuda if cuda is not None else torch.cuda  # a stand-in in tests
         self.on = device.type == "cuda"
         self.interval_bytes = 0
         self.span_bytes = 0
 
-    def _api(self):
-        if self.cuda is None:
-            import torch
-
-            self.cuda = torch.cuda
-        return self.cuda
-
     def start(self) -> None:
         """Training (re)starts: what ran before does not count."""
         if self.on:
-            self._api().reset_peak_memory_stats(self.device)
+            self.cuda.reset_peak_memory_stats(self.device)
 
     def pause(self) -> None:
         """Training pauses (an evaluation or a checkpoint follows): keep the training peak so far."""
         if self.on:
-            reading = self._api().max_memory_allocated(self.device)
+            reading = self.cuda.max_memory_allocated(self.device)
             self.interval_bytes = max(self.interval_bytes, reading)
             self.span_bytes = max(self.span_bytes, reading)
 

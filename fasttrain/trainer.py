@@ -44,7 +44,7 @@ from fasttrain.loss import (
     metric_sums,
     pair_logps,
 )
-from fasttrain.packing import pack_groups
+from fasttrain.packing import pack_groups, to_device
 from fasttrain.reference import model_fingerprint
 from fasttrain.reporting import MetricsLogger, ProgressBar, TrainingPeakMemory, plot_curves, setup_logging
 from fasttrain.schedule import plan_inference, plan_steps
@@ -66,15 +66,6 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def host_values_to(device: torch.device, values: list[float]) -> torch.Tensor:
-    """fp32 tensor of host numbers on `device` without a host sync: a copy from pageable memory would first
-    wait for the GPU's queued work, one from pinned memory is queued behind it (non_blocking)."""
-    t = torch.tensor(values, dtype=torch.float32)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], total_steps: int):
@@ -325,7 +316,7 @@ class TrainLoop:
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             due = cfg.train.checkpoint_minutes > 0 and time.perf_counter() - t_ckpt >= 60 * cfg.train.checkpoint_minutes
-            stats = torch.cat([step_sums, host_values_to(device, [tokens, flops, float(due)])])
+            stats = torch.cat([step_sums, to_device(torch.tensor([tokens, flops, float(due)]), device)])
             # The step's one host sync: every rank learns the same loss, grad norm (already global) and
             # checkpoint vote.
             *values, norm = torch.cat([fdist.all_reduce_sum(stats), grad_norm.reshape(1).to(stats)]).tolist()
@@ -359,18 +350,24 @@ class TrainLoop:
                 interval[:] = 0
                 pairs_since = 0
                 t_last = time.perf_counter()
-            t_pause = time.perf_counter()
-            peak_memory.pause()
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                run_evals(step)
-            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or values[-1] > 0:
-                if step != total_steps:
+            last = step == total_steps
+            due_eval = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and not last
+            due_ckpt = (bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0) or values[-1] > 0
+            due_export = bool(cfg.train.export_every) and step % cfg.train.export_every == 0 and not last
+            if due_eval or (due_ckpt and not last) or due_export:
+                # throughput and peak memory count the training steps only
+                t_pause = time.perf_counter()
+                peak_memory.pause()
+                if due_eval:
+                    run_evals(step)
+                if due_ckpt and not last:
                     checkpoint(step)
+                if due_export:
+                    export(step)
+                t_last += time.perf_counter() - t_pause
+                peak_memory.start()
+            if due_ckpt:
                 t_ckpt = time.perf_counter()
-            if cfg.train.export_every and step % cfg.train.export_every == 0 and step != total_steps:
-                export(step)
-            t_last += time.perf_counter() - t_pause  # throughput counts training time only
-            peak_memory.start()  # and peak memory the training steps only
 
     def _skip(self, step: int, plan, norm: float, loss_sum: float) -> None:
         self.consecutive_skips += 1

@@ -44,6 +44,7 @@ from fasttrain.packing import (
     pack_groups,
     pack_unshared,
 )
+from weights import randomize_
 
 FACTOR = 3.0  # flash-attention's tests use 2 (3 for some gradients); DESIGN §7 says "a small factor"
 FLOOR = 1e-4  # x max|truth|: 1/40 of bf16's rounding unit
@@ -294,21 +295,6 @@ QWEN2_SMALL = {
 }
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that attention matters (std 0.06: O(1) activations, logits spread over
-    several nats), non-trivial norms and biases."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        if name.endswith("norm.weight"):
-            p.copy_(1.0 + 0.2 * noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.2 * noise)
-        else:
-            p.copy_(0.06 * noise)
-
-
 def model_groups(vocab: int, seed: int) -> tuple[list[PromptGroup], list[tuple]]:
     """Groups with shared prompts and a shared rejected step, short prompts, one-token steps and one
     1500-token prompt; also the raw (prompt, chosen, rejected) per pair for the unpacked runs."""
@@ -351,15 +337,21 @@ def test_whole_model_packed_logps_bf16_cuda(backend):
     check_whole_model_packed_logps(backend, torch.device("cuda"))
 
 
+def test_whole_model_packed_logps_check_itself_on_cpu():
+    """The check above with the reference backend on the CPU, so its tolerance rule has run somewhere."""
+    check_whole_model_packed_logps("reference", torch.device("cpu"))
+
+
 def check_whole_model_packed_logps(backend: str, device: torch.device) -> None:
     """Tolerance rule of tests/test_packed_logps.py: the packed bf16 error (vs the float64 unpacked
     truth) within 4x the error of the same bf16 model run on each sequence alone, plus a 1e-4 relative
-    floor. (Runs on the CPU too, with the reference backend, to check this test itself.)"""
+    floor. (Also run on the CPU with the reference backend, to check this test itself.)"""
     import copy
 
     cfg = ModelConfig.from_hf_dict(QWEN2_SMALL)
     model = build_model(cfg, device="cpu", dtype=torch.float64)
-    randomize_(model, seed=0)
+    # std 0.06: O(1) activations, logits spread over several nats, so attention matters
+    randomize_(model, seed=0, std=0.06, noise_dtype=torch.float64)
     model64 = model.to(device).eval()
     model64.set_attention_backend("reference")
     model16 = copy.deepcopy(model64).to(torch.bfloat16)  # what FSDP's bf16 param_dtype computes with

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -20,6 +19,7 @@ from fasttrain.model.checkpoint import load_hf_weights, resolve_model_source, sa
 from fasttrain.model.config import ModelConfig  # noqa: E402
 from fasttrain.model.decoder import build_model  # noqa: E402
 from fasttrain.packing import AttentionMeta, pack_unshared  # noqa: E402
+from cli_runner import free_port  # noqa: E402
 
 VOCAB = 101  # odd: FSDP rank 1 gets one row fewer than rank 0
 BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -208,12 +208,6 @@ def test_load_bf16_checkpoint_into_fp32_and_bf16(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # FSDP2 on two gloo ranks
 # ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_worker(rank: int, world: int, port: int, model_dirs: list[str]) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -286,7 +280,7 @@ def test_fsdp2_sharded_load_two_gloo_ranks(tmp_path):
         make_hf_dir(tmp_path / case, case, **kw)
         dirs.append(str(tmp_path / case))
     assert (tmp_path / "llama_untied_bias" / "model.safetensors.index.json").is_file()
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), dirs), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), dirs), nprocs=2, join=True)
 
 
 # ----------------------------------------------------------------------------------------------

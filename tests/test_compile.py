@@ -18,16 +18,16 @@ import copy
 import json
 import math
 import re
-import socket
 
 import numpy as np
 import pytest
 import torch
-from cli_runner import DEMO, run_fasttrain
+from cli_runner import DEMO, free_port, run_fasttrain
 
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
 from fasttrain.packing import PairRef, PromptGroup, pack_groups
+from weights import randomize_
 
 # The demo's Qwen2 shape (hidden 128, 4 heads, 2 KV heads, q/k/v bias, tied embeddings): the trainer test
 # compiles the same graphs, so inductor's on-disk cache serves them from the first test.
@@ -42,11 +42,7 @@ GROUP_SHAPES = [
 
 def tiny_model(dtype=torch.float32):
     model = build_model(ModelConfig.from_hf_dict(QWEN2_TINY), device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-trivial norms and biases, so a dropped norm weight or bias shows
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else (0.2 if name.endswith(".bias") else 0.08) * noise)
+    randomize_(model, seed=0)
     return model.to(dtype)
 
 
@@ -123,12 +119,6 @@ def test_compiled_blocks_match_eager_without_recompiling():
 # ----------------------------------------------------------------------------------------------
 # FSDP2 on two gloo ranks, bf16 compute with fp32 master weights, activation checkpointing
 # ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_worker(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
@@ -193,7 +183,7 @@ def test_compiled_blocks_under_fsdp2_two_ranks_bf16():
     warm.compile_blocks = warm.activation_checkpointing = True
     batch = make_batch(GROUP_SHAPES[0], seed=0)
     logps_and_grads(warm, batch, torch.ones(batch.lp_rows_N.numel()))
-    mp.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 # ----------------------------------------------------------------------------------------------

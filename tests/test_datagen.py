@@ -44,10 +44,13 @@ class FakeGen:
         for p in prompts:
             if self.fail_on and self.fail_on in p:
                 raise KeyboardInterrupt("simulated interruption")
-            prefix = p.split(ASSISTANT, 1)[1]
-            opts = self.script.get(prefix, [" nothing useful"])
+            opts = self.options(p)
             out.append([opts[i % len(opts)] for i in range(n)])
         return out
+
+    def options(self, prompt: str) -> list[str]:
+        """The scripted completions for this prompt (cycled over the n samples)."""
+        return self.script.get(prompt.split(ASSISTANT, 1)[1], [" nothing useful"])
 
 
 def prob(idx="p1", q="Q1", ans=("10",)):

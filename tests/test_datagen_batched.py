@@ -35,16 +35,9 @@ OTHER = {
 class TwoScriptGen(FakeGen):
     """Problems whose question starts with 'O' follow OTHER (where nothing ever succeeds), the rest SCRIPT."""
 
-    def generate(self, prompts, max_new_tokens=512, temperature=0.0, top_p=1.0, n=1, seed=0):
-        self.calls.append((list(prompts), n, seed, temperature, top_p))
-        out = []
-        for p in prompts:
-            if self.fail_on and self.fail_on in p:
-                raise KeyboardInterrupt("simulated interruption")
-            question, prefix = p.split("user\n", 1)[1], p.split("<|im_start|>assistant\n", 1)[1]
-            opts = (OTHER if question.startswith("O") else SCRIPT).get(prefix, [" nothing useful"])
-            out.append([opts[i % len(opts)] for i in range(n)])
-        return out
+    def options(self, prompt: str) -> list[str]:
+        question, prefix = prompt.split("user\n", 1)[1], prompt.split("<|im_start|>assistant\n", 1)[1]
+        return (OTHER if question.startswith("O") else SCRIPT).get(prefix, [" nothing useful"])
 
 
 def _drop_seeds(recs):
@@ -107,4 +100,4 @@ def test_problems_per_call_must_be_positive(tmp_path, capsys):
     data.write_text(json.dumps({"instruction": "q", "answer": "1"}) + "\n")
     assert datagen_main(["--model", "unused", "--data", str(data), "--out", str(tmp_path / "o"),
                          "--problems-per-call", "0"]) == 2
-    assert "--problems-per-call must be >= 1" in capsys.readouterr().err
+    assert "(--problems-per-call) must be >= 1" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from fasttrain.model.checkpoint import load_hf_weights  # noqa: E402
 from fasttrain.model.config import ModelConfig, num_params  # noqa: E402
 from fasttrain.model.decoder import build_model  # noqa: E402
 from fasttrain.model.rope import inv_freq  # noqa: E402
+from weights import randomize_  # noqa: E402
 from fasttrain.packing import AttentionMeta, build_groups, pack_groups  # noqa: E402
 
 VOCAB = 257  # odd on purpose: uneven FSDP rows elsewhere, no accidental power-of-two alignment
@@ -52,20 +53,6 @@ def hf_model(case: str, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     randomize_(model, seed)
     return model.eval()
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial norms and biases, so a norm or bias that is not loaded (or misplaced) shows."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if name.endswith("norm.weight"):
-            p.copy_(1.0 + 0.2 * noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.2 * noise)
-        else:
-            p.copy_(0.08 * noise)
 
 
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:

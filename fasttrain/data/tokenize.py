@@ -189,7 +189,7 @@ def _without_special_token_text(records: list[StepRecord], tokenizer, skip_bad_r
     control token, not as the characters: the model would train on a turn end or EOS in the middle of a
     step. Such a record is refused with its id and field (or skipped with data.skip_bad_rows)."""
     specials = sorted({str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-                      | {str(t) for t, added in _added_special_tokens(tokenizer)}, key=len, reverse=True)
+                      | set(_added_special_tokens(tokenizer)), key=len, reverse=True)
     specials = [t for t in specials if t]
     if not specials:
         return records
@@ -215,7 +215,7 @@ def _without_special_token_text(records: list[StepRecord], tokenizer, skip_bad_r
 
 def _added_special_tokens(tokenizer):
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return [(tok.content, True) for tok in decoder.values() if getattr(tok, "special", False)]
+    return [str(tok.content) for tok in decoder.values() if getattr(tok, "special", False)]
 
 
 def _check_tokenizer(tokenizer) -> None:

@@ -58,12 +58,14 @@ def main(argv=None) -> int:
     from fasttrain.eval.generate import make_generator
 
     try:
-        for name in ("samples", "rollouts", "rectify", "max_new_tokens", "max_wrong_per_problem", "max_steps",
-                     "batch_size", "problems_per_call"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if not 0 <= args.threshold < 1:
-            raise ValueError("--threshold must be in [0, 1)")
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        cfg = DatagenConfig(template=args.template, prefill=args.prefill, samples=args.samples,
+                            rollouts=args.rollouts, rectify=args.rectify, threshold=args.threshold,
+                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            max_wrong_per_problem=args.max_wrong_per_problem, max_steps=args.max_steps,
+                            require_final_answer=not args.allow_unfinished, seed=args.seed, source_model=str(args.model),
+                            problems_per_call=args.problems_per_call)
         judge = None
         if args.judge == "openai":
             if not args.judge_base_url or not args.judge_model:
@@ -73,12 +75,6 @@ def main(argv=None) -> int:
         problems = load_problems(args.data, limit=args.limit)
         if not problems:
             raise DataError(f"{args.data}: no problems")
-        cfg = DatagenConfig(template=args.template, prefill=args.prefill, samples=args.samples,
-                            rollouts=args.rollouts, rectify=args.rectify, threshold=args.threshold,
-                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            max_wrong_per_problem=args.max_wrong_per_problem, max_steps=args.max_steps,
-                            require_final_answer=not args.allow_unfinished, seed=args.seed, source_model=str(args.model),
-                            problems_per_call=args.problems_per_call)
         gen = make_generator(args.model, backend=args.backend, batch_size=args.batch_size)
         s = run_datagen(gen, problems, args.out, cfg, judge=judge, tokenizer=getattr(gen, "tokenizer", None),
                         progress=not args.no_progress)

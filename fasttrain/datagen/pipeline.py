@@ -80,8 +80,13 @@ class DatagenConfig:
     problems_per_call: int = 1  # problems whose sampling shares one generate call per stage (module doc)
 
     def __post_init__(self):
-        if self.problems_per_call < 1:
-            raise ValueError(f"problems_per_call must be >= 1, got {self.problems_per_call}")
+        # named as the field and as the datagen command's flag, which builds this config before any work
+        for name in ("samples", "rollouts", "rectify", "max_new_tokens", "max_wrong_per_problem", "max_steps",
+                     "problems_per_call"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"threshold (--threshold) must be in [0, 1), got {self.threshold}")
 
 
 @dataclass

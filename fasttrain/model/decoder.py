@@ -73,10 +73,6 @@ class Attention(nn.Module):
     def output(self, o_TNH: torch.Tensor) -> torch.Tensor:
         return self.o_proj(o_TNH.reshape(o_TNH.shape[0], self.n_heads * self.head_dim))
 
-    def forward(self, x_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str) -> torch.Tensor:
-        q_TNH, k_TMH, v_TMH = self.project(x_TD, cos_TH, sin_TH)
-        return self.output(varlen_attention(q_TNH, k_TMH, v_TMH, attn, backend))
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -134,8 +130,8 @@ def compiled_regions() -> tuple[Callable, Callable]:
     Dynamo inlines nn.Modules (inline_inbuilt_nn_modules), so parameters are graph inputs and all
     blocks reuse one graph per region instead of one per layer (28 layers would pass dynamo's recompile
     limit of 8, after which it runs eager with a single warning). Graphs per region in a run: one for
-    training, one for no-grad passes, one for a frozen live reference, each again for T = 1 if a
-    dummy micro-batch occurs. The attention call stays eager between the two regions: its segment
+    training, one for no-grad passes, one for a frozen live reference (the dummy micro-batch has T = 2,
+    so it needs none of its own). The attention call stays eager between the two regions: its segment
     boundaries are host ints that change every batch and would be guarded on.
     fullgraph=True: a graph break is an error, not a block that silently runs partly eager.
     """
@@ -146,8 +142,8 @@ def compiled_regions() -> tuple[Callable, Callable]:
 def _tokens_dynamic(compiled_fn: Callable) -> Callable:
     """Marks dim 0 (T, the packed token count, new every micro-batch) of every tensor argument
     dynamic, so the first compile is already shape-generic: one graph per region for all T >= 2
-    (tests/test_compile.py). T = 1 (the dummy micro-batch of a rank without work) is specialised by
-    dynamo's 0/1 rule: one more compile, once."""
+    (tests/test_compile.py). T = 1 would be specialised by dynamo's 0/1 rule, which is why the dummy
+    micro-batch of a rank without work has two tokens."""
 
     def call(layer: DecoderLayer, *tensors: torch.Tensor):
         for t in tensors:

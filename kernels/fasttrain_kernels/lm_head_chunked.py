@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fasttrain_kernels.interpreter import is_interpreted
+
 # 256 MiB bounds the z chunk: large enough that every GEMM is big (at N = 8192 bf16, C = 16384 columns:
 # an 8192 x 16384 x D GEMM), small enough to be noise next to eager's [N, V] (2.3 GiB bf16 at N = 8192).
 CHUNK_BYTES = 256 * 2**20
@@ -94,15 +96,7 @@ def _dlogits_chunk_kernel(z_ptr, t_ptr, g_ptr, gp_ptr, lse_ptr, N, C, v0, stride
     tl.store(ptrs, dl.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(_lse_chunk_kernel, InterpretedFunction)
-
-
-INTERPRETED = _interpreted()
+INTERPRETED = is_interpreted(_lse_chunk_kernel)
 
 
 def chunk_cols(N: int, V: int, element_size: int, device: torch.device, chunk_cols_override: int | None = None) -> int:

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fasttrain_kernels.interpreter import is_interpreted
+
 # Default tiles: GPU sizes are a plain, reasonable starting point (not tuned for speed: that needs a GPU
 # session). Compiled for sm_90 by benchmarks/kernel_resources.py, 16-bit inputs use 100-222 registers and no
 # local memory with them; fp32 inputs (IEEE dots, no tensor-core MMA) spilled 104 B (dh) and 464 B (dW) per
@@ -166,15 +168,7 @@ def _bwd_dw_kernel(h_ptr, w_ptr, t_ptr, g_ptr, glse_ptr, lse_ptr, dw_ptr, N, V, 
                         dw_ptr, offs_v, mask_v, D, BLOCK_D, DOT_PRECISION)
 
 
-def _interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(_fwd_kernel, InterpretedFunction)
-
-
-INTERPRETED = _interpreted()
+INTERPRETED = is_interpreted(_fwd_kernel)
 
 
 def default_blocks(device: torch.device, dtype: torch.dtype) -> dict:
