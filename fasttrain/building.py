@@ -30,25 +30,37 @@ from fasttrain.schedule import plan_inference
 log = logging.getLogger("fasttrain")
 
 
-def prepare_output_dir(cfg: RunConfig, is_main: bool) -> Path:
-    """Never overwrite what is there unless asked: a non-empty output directory needs
-    train.overwrite=true (replaces fasttrain's own files only) or train.resume (continues the run)."""
+# What fasttrain writes into train.output_dir; train.overwrite=true replaces these and nothing else.
+OWN_OUTPUTS = ("config.json", "metrics.jsonl", "curves.png", "summary.json", "summary.json.tmp", "tensorboard",
+               "checkpoints", "exports", "final")
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """Rank 0, before anything is read or written: never overwrite what is there unless asked. A non-empty
+    output directory needs train.overwrite=true (replaces fasttrain's own files only) or train.resume."""
     out = Path(cfg.train.output_dir)
-    if is_main:
-        if out.exists() and any(out.iterdir()) and not (cfg.train.overwrite or cfg.train.resume):
-            raise UserError(
-                f"output directory {out} exists and is not empty; pass train.resume=auto to continue that run, "
-                "train.overwrite=true to replace its contents, or choose another train.output_dir"
-            )
-        if out.exists() and cfg.train.overwrite and not cfg.train.resume:
-            for name in ("metrics.jsonl", "curves.png", "summary.json", "tensorboard", "checkpoints"):
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    fdist.barrier()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir={out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (cfg.train.overwrite or cfg.train.resume):
+        raise UserError(
+            f"output directory {out} exists and is not empty; pass train.resume=auto to continue that run, "
+            "train.overwrite=true to replace its contents, or choose another train.output_dir"
+        )
+
+
+def create_output_dir(cfg: RunConfig) -> Path:
+    """Rank 0, once every input has been checked: create the output directory (replacing fasttrain's own
+    files when train.overwrite=true starts a fresh run there) and record the resolved config."""
+    out = Path(cfg.train.output_dir)
+    if out.exists() and cfg.train.overwrite and not cfg.train.resume:
+        for name in OWN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return out
 
 
@@ -64,7 +76,8 @@ def load_tokenizer(path: str):
 
 def load_datasets(cfg: RunConfig, dist_info: fdist.DistInfo, tokenizer):
     """(train, eval or None) as TokenizedPairs. Rank 0 tokenizes and fills the cache; the others
-    then read the cache, so N ranks never tokenize (or write the cache) concurrently."""
+    then read the cache, so N ranks never tokenize (or write the cache) concurrently. A bad record stops
+    every rank with rank 0's message (fasttrain.distributed.main_first)."""
     from fasttrain.data import prepare_dataset
 
     kwargs = dict(template=cfg.data.template, max_length=cfg.data.max_length,
@@ -72,15 +85,9 @@ def load_datasets(cfg: RunConfig, dist_info: fdist.DistInfo, tokenizer):
                   skip_bad_rows=cfg.data.skip_bad_rows, cache_dir=cfg.data.cache_dir)
 
     def prepare(path: str):
-        if dist_info.is_main:
-            t0 = time.perf_counter()
-            data = prepare_dataset(path, tokenizer, **kwargs)
-            log.info("data %s: %d pairs in %.1fs; %s", path, len(data), time.perf_counter() - t0,
-                     data.stats.summary())
-            fdist.barrier()
-        else:
-            fdist.barrier()
-            data = prepare_dataset(path, tokenizer, **kwargs)
+        t0 = time.perf_counter()
+        data = fdist.main_first(lambda: prepare_dataset(path, tokenizer, **kwargs), dist_info.is_main)
+        log.info("data %s: %d pairs in %.1fs; %s", path, len(data), time.perf_counter() - t0, data.stats.summary())
         return data
 
     return prepare(cfg.data.train), (prepare(cfg.data.eval) if cfg.data.eval else None)
@@ -100,12 +107,12 @@ def groups_of(data, num_pairs: int | None = None) -> list[PromptGroup]:
 
 
 def check_model_source(path: str):
-    """The model directory's config, read and checked (files present, supported architecture)."""
-    from fasttrain.model.checkpoint import resolve_model_source
+    """The model directory's config, read and checked (files present and readable, supported architecture)."""
+    from fasttrain.model.checkpoint import check_model_files
     from fasttrain.model.config import ModelConfig
 
     try:
-        resolve_model_source(path)
+        check_model_files(path)
         return ModelConfig.from_model_dir(path)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -123,17 +130,18 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
 
-    if model_cfg is None:
+    with fdist.all_ranks_agree():  # the same files and card on every rank, but a rank may still fail alone
+        if model_cfg is None:
+            try:
+                model_cfg = ModelConfig.from_model_dir(cfg.model.path)
+            except (OSError, ValueError) as e:
+                raise UserError(str(e)) from None
         try:
-            model_cfg = ModelConfig.from_model_dir(cfg.model.path)
-        except (OSError, ValueError) as e:
+            model_cfg.check_max_length(cfg.data.max_length)
+        except ValueError as e:
             raise UserError(str(e)) from None
-    try:
-        model_cfg.check_max_length(cfg.data.max_length)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if trainable:  # the plan covers a live reference too, so building the reference repeats nothing
-        check_memory_plan(model_cfg, cfg, dist_info)
+        if trainable:  # the plan covers a live reference too, so building the reference repeats nothing
+            check_memory_plan(model_cfg, cfg, dist_info)
     compute_dtype = getattr(torch, cfg.model.compute_dtype)
     model = build_model(model_cfg, device="meta", dtype=torch.float32 if trainable else compute_dtype)
     model.set_attention_backend(backend)
@@ -156,15 +164,22 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     if init_weights is not None:
         init_weights(model)
     else:
-        try:
-            load_hf_weights(model, cfg.model.path)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(str(e)) from None
+        # Each rank reads its own rows: a truncated file can fail on the ranks that read its end only.
+        with fdist.all_ranks_agree():
+            try:
+                load_hf_weights(model, cfg.model.path)
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(_message(e)) from None
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def _message(error: BaseException) -> str:
+    """A KeyError's str() is its repr ("'...'"); the others' str() is the message."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo) -> None:

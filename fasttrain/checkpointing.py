@@ -118,26 +118,26 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, info: dic
          dist_info: fdist.DistInfo) -> Path:
     final = step_dir(root, step)
     tmp = final.with_name(final.name + TMP_SUFFIX)
-    if dist_info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by an earlier crash at this very step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    fdist.barrier()
+    with fdist.all_ranks_agree():  # a full disk on rank 0 stops every rank with its message
+        if dist_info.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by an earlier crash at this very step
+                shutil.rmtree(tmp)
+            tmp.mkdir()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng-rank{dist_info.rank}.pt")
     fdist.barrier()
-    if dist_info.is_main:
-        (tmp / "run_info.json").write_text(json.dumps(info, indent=2))
-        # trainer_state.json is written last: its presence marks the directory complete.
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(root, keep)
-        log.info("checkpoint: %s", final)
-    fdist.barrier()
+    with fdist.all_ranks_agree():
+        if dist_info.is_main:
+            (tmp / "run_info.json").write_text(json.dumps(info, indent=2))
+            # trainer_state.json is written last: its presence marks the directory complete.
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _prune(root, keep)
+            log.info("checkpoint: %s", final)
     return final
 
 
@@ -151,12 +151,13 @@ def _prune(root: Path, keep: int) -> None:
 
 def load(path: Path, model, optimizer, current_info: dict, dist_info: fdist.DistInfo) -> dict:
     """Restore model, optimizer and this rank's RNG from ``path``; returns its trainer_state."""
-    try:
-        saved_info = json.loads((path / "run_info.json").read_text())
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-    check_compatible(saved_info, current_info, path)
+    with fdist.all_ranks_agree():
+        try:
+            saved_info = json.loads((path / "run_info.json").read_text())
+            trainer_state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        check_compatible(saved_info, current_info, path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))

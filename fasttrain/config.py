@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fasttrain.errors import UserError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError, ValueError):
+    """A config file, key or value is wrong; the message names the key and the file."""
 
 
 @dataclass
@@ -25,7 +27,9 @@ class ModelSection:
     attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | reference
     lm_head_impl: str = "auto"  # auto (chunked on CUDA, torch on CPU) | torch | triton | chunked (fasttrain/lm_head.py)
     activation_checkpointing: bool = True
-    compute_dtype: str = "bfloat16"  # bfloat16 | float32 (master weights + AdamW state are always fp32)
+    # bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on a CPU, where bf16 matmuls are slow and gain nothing);
+    # master weights + AdamW state are always fp32
+    compute_dtype: str = "bfloat16"
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state live in host memory
     # torch.compile each decoder block's compute around the (eager) attention call: norm + q/k/v + qk-norm +
     # RoPE, and o_proj + residual + norm + SwiGLU + residual, fused by inductor. The token count is dynamic, so
@@ -73,7 +77,9 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate before training and at the end only
     save_final: bool = True
-    save_dtype: str = "bfloat16"  # dtype of the exported HF weights: bfloat16 | float32
+    # dtype of the exported HF weights: auto | bfloat16 | float32. auto: the initial checkpoint's 16-bit dtype when
+    # it keeps the trained update (<= 1% relative L2 error, fasttrain/export.py), else float32.
+    save_dtype: str = "auto"
     progress_bar: bool = True
     resume: str = ""  # "" (fresh run), "auto" (newest complete checkpoint in output_dir, if any), or a path
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: off)
@@ -102,8 +108,8 @@ class RunConfig:
         choices = {
             ("model", "attention_backend"): ("auto", "flash_attn", "torch_varlen", "reference"),
             ("model", "lm_head_impl"): ("auto", "torch", "triton", "chunked"),
-            ("model", "compute_dtype"): ("bfloat16", "float32"),
-            ("train", "save_dtype"): ("bfloat16", "float32"),
+            ("model", "compute_dtype"): ("auto", "bfloat16", "float32"),
+            ("train", "save_dtype"): ("auto", "bfloat16", "float32"),
             ("data", "template"): ("qwen2-boxed", "alpaca", "deepseek-math", "chat"),
             ("data", "mode"): ("step", "full"),
             ("loss", "loss_type"): ("sigmoid", "ipo"),

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fasttrain.errors import PeerFailed, UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -129,6 +136,68 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Failing together
+# ----------------------------------------------------------------------------------------------
+# A rank that raises while the others wait in a collective leaves them to die at that collective with
+# "Connection closed by peer" and a traceback each (gloo), or to hang until the timeout (NCCL). So every
+# stretch of work that can fail on some ranks only (rank 0 checks the output directory, tokenizes first,
+# writes an export; each rank reads its own rows of the weights) ends in ``agree``: one small all-gather in
+# which each rank says whether it failed, after which every rank raises, or none does. Such a stretch must
+# itself contain no collective, or a failing rank would skip it and the others would wait there.
+def agree(error: BaseException | None) -> None:
+    """Collective: raise on every rank if any rank passes an error, else return on every rank.
+
+    The failing rank re-raises its own error (a UserError is printed by rank 0 as one line; anything else
+    keeps its traceback); the others raise PeerFailed with the lowest failing rank's message.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (dist.get_rank(), isinstance(error, UserError), _one_line(error))
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    failures = [r for r in reports if r is not None]
+    if error is not None:
+        error.agreed_by_all_ranks = True  # fasttrain.cli: every rank knows, so only rank 0 prints it
+        raise error
+    if failures:
+        rank, is_user_error, message = failures[0]
+        if is_user_error:
+            raise PeerFailed(message, exit_code=2)
+        raise PeerFailed(f"rank {rank} failed: {message}", exit_code=1)
+
+
+@contextmanager
+def all_ranks_agree() -> Iterator[None]:
+    """``with all_ranks_agree(): ...``: the block's failure on any rank is raised on every rank (see agree)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks, then it is re-raised
+        agree(e)
+    else:
+        agree(None)
+
+
+def main_first(fn: Callable[[], T], is_main: bool) -> T:
+    """Run ``fn`` on rank 0, then (when it succeeded everywhere) on the other ranks; a failure on rank 0 stops
+    every rank at once. For work whose first run fills a cache that the others then read."""
+    result = None
+    with all_ranks_agree():
+        if is_main:
+            result = fn()
+    with all_ranks_agree():
+        if not is_main:
+            result = fn()
+    return result
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def broadcast_object(obj, src: int = 0):

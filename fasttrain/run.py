@@ -1,7 +1,7 @@
 """Entry point: ``torchrun --nproc-per-node N fasttrain/run.py --config FILE [section.key=value ...]``.
 
-Also runs without torchrun (one process). Problems with the user's config, files or data end the
-run with one clear line on stderr and exit code 2, not a traceback.
+Also runs without torchrun (one process). Problems with the user's config, files or data end the run with
+one line on stderr (from rank 0 alone) and exit code 2 on every rank, not a traceback (fasttrain/cli.py).
 """
 from __future__ import annotations
 
@@ -25,36 +25,49 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def demo_config_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "demo.yaml")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fasttrain.config import ConfigError, load_config
-    from fasttrain.data.errors import DataError
+    from fasttrain.cli import leave_together, run_command
+    from fasttrain.distributed import cleanup
+
+    try:
+        code = run_command("fasttrain", lambda: _train(args))
+        leave_together(code)  # under torchrun, a failed run exits here, every rank at once
+        return code
+    finally:
+        cleanup()  # after the error is reported: the report needs to know whether a process group ran
+
+
+def _train(args) -> int:
+    from fasttrain.config import load_config
+    from fasttrain.distributed import agree, barrier, init_distributed
     from fasttrain.errors import UserError
     from fasttrain.trainer import train
 
-    config_path = args.config
-    if args.demo:
-        if config_path:
-            print("fasttrain: use either --demo or --config, not both", file=sys.stderr)
-            return 2
-        config_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "demo.yaml")
-    if not config_path:
-        print("fasttrain: pass --config FILE (or --demo for the embedded example)", file=sys.stderr)
-        return 2
-    from fasttrain.distributed import barrier, cleanup
-
+    # The config is checked on every rank, then the ranks agree on it, so that a bad key ends every rank at once
+    # (fasttrain/cli.py) rather than whichever rank gets there first.
+    cfg, error = None, None
     try:
+        if args.demo and args.config:
+            raise UserError("use either --demo or --config, not both")
+        config_path = demo_config_path() if args.demo else args.config
+        if not config_path:
+            raise UserError("pass --config FILE (or --demo for the embedded example)")
         cfg = load_config(config_path, args.overrides)
-        train(cfg)
-        # Leave together: a rank tearing down gloo while another still finishes its files has been seen
-        # to abort ("terminate called without an active exception") at exit.
-        barrier()
-    except (ConfigError, DataError, UserError) as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"fasttrain: error: {e}" if rank == "0" else f"fasttrain (rank {rank}): error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
+        cfg.validate()
+    except UserError as e:
+        error = e
+    init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes if cfg else 30.0,
+                     cpu_offload=cfg.model.cpu_offload if cfg else False)
+    agree(error)
+    train(cfg)
+    # Leave together: a rank tearing down gloo while another still finishes its files has been seen to abort
+    # ("terminate called without an active exception") at exit.
+    barrier()
     return 0
 
 

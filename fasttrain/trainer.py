@@ -25,14 +25,16 @@ from fasttrain.building import (
     build_references,
     check_model_source,
     build_sharded_model,
+    check_output_dir,
+    create_output_dir,
     groups_of,
     load_datasets,
     load_tokenizer,
-    prepare_output_dir,
     tokenized_fingerprint,
 )
 from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
+from fasttrain.export import export_hf, weights_as_exported
 from fasttrain.faults import Faults
 from fasttrain.flops import FlopModel
 from fasttrain.lm_head import resolve_lm_head
@@ -131,42 +133,54 @@ def evaluate(model, reference, micro_batches, device, cfg, world_size, flop_mode
 # The run
 # ----------------------------------------------------------------------------------------------
 def train(cfg: RunConfig) -> dict:
+    """Run (or resume) the training that ``cfg`` describes; returns the summary written to summary.json.
+
+    Every input is checked (config, output directory, model files, tokenizer, data, resume checkpoint)
+    before anything is written into ``train.output_dir``, and a failure on any rank stops every rank with one
+    message (fasttrain.distributed.agree, fasttrain/cli.py).
+    """
     cfg.validate()
     dist_info = fdist.init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes,
                                        cpu_offload=cfg.model.cpu_offload)
     setup_logging(dist_info.is_main)
     torch.manual_seed(cfg.train.seed)
     device, world = dist_info.device, dist_info.world_size
-    out_dir = prepare_output_dir(cfg, dist_info.is_main)
+    if cfg.model.compute_dtype == "auto":  # resolved once, before anything (cache keys, resume checks) reads it
+        cfg.model.compute_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
-    resume_from = _resume_source(cfg, ckpt_root)
-    if dist_info.is_main:
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    if cfg.model.cpu_offload and device.type != "cuda":
-        raise UserError("model.cpu_offload=true moves the sharded training state from GPU memory to host memory; "
-                        f"this run is on {device.type}, where it already lives in host memory: set it to false")
-    try:
-        backend = resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype))
-        lm_head = resolve_lm_head(cfg.model.lm_head_impl, device)
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
+    # ---- inputs: checked on every rank, nothing written yet
+    with fdist.all_ranks_agree():
+        if dist_info.is_main:
+            check_output_dir(cfg)
+        resume_from = _resume_source(cfg, ckpt_root)
+        if cfg.model.cpu_offload and device.type != "cuda":
+            raise UserError("model.cpu_offload=true moves the sharded training state from GPU memory to host "
+                            f"memory; this run is on {device.type}, where it already lives in host memory: set it "
+                            "to false")
+        try:
+            backend = resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype))
+            lm_head = resolve_lm_head(cfg.model.lm_head_impl, device)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+        model_cfg = check_model_source(cfg.model.path)  # fail fast, before tokenizing anything
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        if len(tokenizer) > model_cfg.vocab_size:
+            raise UserError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.path}) has {len(tokenizer)} tokens "
+                            f"but the model's vocab_size is {model_cfg.vocab_size}: they do not belong together")
     log.info("world size %d on %s; attention backend %s; LM head %s; compute %s, fp32 master weights + AdamW state",
              world, device, backend, lm_head, cfg.model.compute_dtype)
 
-    model_cfg = check_model_source(cfg.model.path)  # fail fast, before tokenizing anything
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.path}) has {len(tokenizer)} tokens but the "
-                        f"model's vocab_size is {model_cfg.vocab_size}: they do not belong together")
     train_data, eval_data = load_datasets(cfg, dist_info, tokenizer)
     train_groups = groups_of(train_data)
     budget = cfg.train.tokens_per_micro_batch
-    try:
-        plans = plan_steps(train_groups, cfg.train.global_batch_pairs, world, budget, cfg.train.seed,
-                           cfg.train.epochs, cfg.train.max_steps)
-    except ValueError as e:
-        raise UserError(f"{cfg.data.train}: {e}") from None
+    with fdist.all_ranks_agree():
+        try:
+            plans = plan_steps(train_groups, cfg.train.global_batch_pairs, world, budget, cfg.train.seed,
+                               cfg.train.epochs, cfg.train.max_steps)
+        except ValueError as e:
+            raise UserError(f"{cfg.data.train}: {e}") from None
     if cfg.model.cpu_offload:
         most = max(len(mbs) for plan in plans for mbs in plan.micro_batches)
         if most > 1:
@@ -182,6 +196,11 @@ def train(cfg: RunConfig) -> dict:
              len(train_data), len(train_groups), n_shared, len(plans), cfg.train.global_batch_pairs)
     model_fp = model_fingerprint(cfg.model.path)
     info = checkpointing.run_info(cfg.to_dict(), model_fp, tokenized_fingerprint(train_data), world)
+    finished = finished_run(cfg, info, dist_info)
+    if finished is not None:
+        log.info("%s: this run finished (summary.json, %d steps); nothing to do. To train further, start a new "
+                 "run in another train.output_dir", out_dir, finished.get("steps", 0))
+        return finished
 
     # ---- model, optimizer (built before any forward: it must hold the sharded DTensor parameters)
     model = build_sharded_model(cfg, dist_info, backend, trainable=True)
@@ -204,19 +223,25 @@ def train(cfg: RunConfig) -> dict:
         state = checkpointing.load(resume_from, model, optimizer, info, dist_info)
         scheduler.load_state_dict(state["scheduler"])
         log.info("resumed from %s at step %d/%d", resume_from, state["step"], total_steps)
+
+    # ---- every input passed: from here on the run writes into output_dir
+    with fdist.all_ranks_agree():
+        if dist_info.is_main:
+            create_output_dir(cfg)
     logger = None
     if dist_info.is_main:
         truncate_metrics(out_dir / "metrics.jsonl", state["step"])
         logger = MetricsLogger(out_dir / "metrics.jsonl", cfg.train.tensorboard)
 
+    def evaluate_all() -> dict[str, dict]:
+        return {name: evaluate(model, refs.by_eval_set[name], mbs[dist_info.rank], device, cfg, world, flop_model)
+                for name, mbs in eval_plans.items()}
+
     def run_evals(step: int) -> dict[str, dict]:
-        results = {}
-        for name, mbs in eval_plans.items():
-            results[name] = evaluate(model, refs.by_eval_set[name], mbs[dist_info.rank], device, cfg, world,
-                                     flop_model)
-            if logger:
-                logger.write({"split": "eval" if name == "eval" else "eval_train_subset", "step": step,
-                              **results[name]})
+        results = evaluate_all()
+        if logger:
+            for name, metrics in results.items():
+                logger.write({"split": "eval" if name == "eval" else "eval_train_subset", "step": step, **metrics})
         return results
 
     if state["before"] is None:
@@ -231,24 +256,59 @@ def train(cfg: RunConfig) -> dict:
         checkpointing.save(ckpt_root, step, model, optimizer, state, info, cfg.train.keep_checkpoints, dist_info)
 
     loop.consecutive_skips, loop.skipped_steps = state["consecutive_skips"], list(state["skipped_steps"])
+    # An export that exists already was written by this run (the output directory was empty, or replaced, when it
+    # started): by an attempt that went past the checkpoint this one resumed from. It is replaced.
+    replace_exports = bool(cfg.train.resume)
 
     def export(step: int) -> None:
-        save_final_checkpoint(model, cfg, out_dir / "exports" / f"step-{step:08d}", dist_info)
+        export_hf(model, cfg, out_dir / "exports" / f"step-{step:08d}", dist_info, replace_exports)
 
     loop.run(plans[state["step"]:], total_steps, run_evals, checkpoint, export)
 
     after = run_evals(total_steps)
     summary = {"steps": total_steps, "skipped_steps": loop.skipped_steps, "before": state["before"], "after": after,
-               "last_step": loop.last_row}
+               "last_step": loop.last_row, "run_info": info}
     if cfg.train.save_final:
-        save_final_checkpoint(model, cfg, out_dir / "final", dist_info)
+        report = export_hf(model, cfg, out_dir / "final", dist_info, replace_exports)
+        summary["export"] = report.as_dict()
+        if report.dtype != "float32":  # the exported weights are the rounded ones: report what they score
+            with weights_as_exported(model, report.dtype):
+                summary["after_exported_weights"] = evaluate_all()
     if dist_info.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(out_dir / "summary.json", summary)  # written last: marks the run finished
         log.info("\n%s", format_before_after(state["before"], after))
+        if "after_exported_weights" in summary:
+            log.info("the exported %s weights score:\n%s", summary["export"]["dtype"],
+                     format_before_after(state["before"], summary["after_exported_weights"]))
         logger.close()
         if cfg.train.plot and plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"):
             log.info("curves: %s", out_dir / "curves.png")
     return summary
+
+
+def finished_run(cfg: RunConfig, info: dict, dist_info: fdist.DistInfo) -> dict | None:
+    """With train.resume=auto, the summary of the run in output_dir if it already finished, so that relaunching it
+    (torchrun --max-restarts after the last step, a job scheduler's retry) is a no-op; else None. Relaunching
+    it with settings that change the math or data is refused as a resume would be."""
+    path = Path(cfg.train.output_dir) / "summary.json"
+    summary, error = None, None
+    if dist_info.is_main and cfg.train.resume == "auto" and path.is_file():
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            error = UserError(f"{path}: cannot read the finished run's summary ({e}); remove it to resume the run")
+    fdist.agree(error)
+    summary = fdist.broadcast_object(summary)
+    if summary is not None and "run_info" in summary:
+        with fdist.all_ranks_agree():
+            checkpointing.check_compatible(summary["run_info"], info, path)
+    return summary
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
@@ -360,10 +420,12 @@ class TrainLoop:
                 peak_memory.pause()
                 if due_eval:
                     run_evals(step)
-                if due_ckpt and not last:
-                    checkpoint(step)
+                # Export before checkpointing: a crash between the two then resumes from an earlier checkpoint
+                # and rewrites this export, instead of resuming past it and never writing it.
                 if due_export:
                     export(step)
+                if due_ckpt and not last:
+                    checkpoint(step)
                 t_last += time.perf_counter() - t_pause
                 peak_memory.start()
             if due_ckpt:
@@ -394,20 +456,3 @@ def format_before_after(before: dict, after: dict) -> str:
         cells = "".join(f"{before[n][key]:>12.4f} -> {after[n][key]:<10.4f}" for n in before)
         lines.append(f"{key:26s}{cells}")
     return "\n".join(lines)
-
-
-def save_final_checkpoint(model, cfg: RunConfig, out: Path, dist_info: fdist.DistInfo) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
-
-    from fasttrain.model.checkpoint import save_hf_checkpoint
-
-    # Every rank takes part in the gathers; only rank 0 holds (on CPU) and writes the full weights.
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist_info.is_main:
-        save_hf_checkpoint(state, model.config, out, tokenizer_dir=cfg.model.tokenizer or cfg.model.path,
-                           dtype=getattr(torch, cfg.train.save_dtype), overwrite=cfg.train.overwrite)
-        log.info("final checkpoint (HF format): %s", out)
-    fdist.barrier()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from fasttrain.data.errors import DataError
+from fasttrain.errors import UserError
 from fasttrain.eval.__main__ import main as eval_main
 from fasttrain.eval.evaluate import DEFAULT_PREFILL, evaluate, load_problems
 from fasttrain.eval.generate import Generator, HFGenerator, make_generator
@@ -112,7 +113,7 @@ def test_backend_choice():
     from fasttrain.eval.generate import vllm_available
     if vllm_available():
         pytest.skip("vllm installed")
-    with pytest.raises(RuntimeError, match="vllm package is not installed"):
+    with pytest.raises(UserError, match="vllm package is not installed"):
         make_generator(str(DEMO_MODEL), backend="vllm")
     with pytest.raises(ValueError, match="unknown backend"):
         make_generator(str(DEMO_MODEL), backend="tgi")

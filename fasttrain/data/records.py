@@ -124,7 +124,10 @@ def _read_text(path: Path, source: str) -> str:
         # utf-8-sig: a leading byte-order mark (as Windows tools write) is dropped, not a JSON error.
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataError(f"{source}: not valid UTF-8 text ({error.reason} at byte {error.start})") from None
+        line = error.object[:error.start].count(b"\n") + 1
+        column = error.start - (error.object.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{source}, line {line}: not valid UTF-8 text ({error.reason} at byte {column} of the line, "
+                        f"byte {error.start} of the file)") from None
     except OSError as error:
         raise DataError(f"{source}: cannot read the file ({error.strerror or error})") from None
 

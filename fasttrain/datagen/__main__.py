@@ -2,7 +2,7 @@
 
 Problems use the eval format (instruction/prompt/question + answer). Resumable: rerun the same
 command to continue; finished problems are skipped and no record is written twice.
-Errors in the arguments or data end the run with one line on stderr and exit code 2.
+Errors in the arguments, model or data end the run with one line on stderr and exit code 2 (fasttrain/cli.py).
 """
 from __future__ import annotations
 
@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from fasttrain.cli import run_command
+
+    return run_command("fasttrain.datagen", lambda: _datagen(args))
+
+
+def _datagen(args) -> int:
     from fasttrain.data.errors import DataError
+    from fasttrain.errors import UserError
     from fasttrain.datagen.judge import OpenAICompatibleJudge
     from fasttrain.datagen.pipeline import DatagenConfig, run_datagen
     from fasttrain.eval.evaluate import load_problems
@@ -78,9 +85,10 @@ def main(argv=None) -> int:
         gen = make_generator(args.model, backend=args.backend, batch_size=args.batch_size)
         s = run_datagen(gen, problems, args.out, cfg, judge=judge, tokenizer=getattr(gen, "tokenizer", None),
                         progress=not args.no_progress)
-    except (DataError, ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError, OSError) as e:  # arguments, files, a resume with other settings
+        if isinstance(e, UserError):
+            raise
+        raise UserError(str(e)) from None
     print(f"{s['problems_done']}/{s['problems_total']} problems done, {s['records']} records in {args.out}")
     return 0
 

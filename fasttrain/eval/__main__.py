@@ -1,7 +1,8 @@
 """``python -m fasttrain.eval --model DIR --data FILE.jsonl --out DIR`` -- greedy math evaluation.
 
 See :mod:`fasttrain.eval.evaluate` for the data format and the files written. Errors in the
-arguments or data end the run with one line on stderr and exit code 2.
+arguments, model or data end the run with one line on stderr and exit code 2 (fasttrain/cli.py), before
+``--out`` is created.
 """
 from __future__ import annotations
 
@@ -33,23 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from fasttrain.cli import run_command
+
+    return run_command("fasttrain.eval", lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
     from fasttrain.data.errors import DataError
-    from fasttrain.eval.evaluate import evaluate, load_problems, prepare_out_dir
+    from fasttrain.errors import UserError
+    from fasttrain.eval.evaluate import check_out_dir, evaluate, load_problems, prepare_out_dir
     from fasttrain.eval.generate import make_generator
 
     t0 = time.perf_counter()
     try:
         if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+            raise UserError(f"--limit must be >= 1, got {args.limit}")
         problems = load_problems(args.data, limit=args.limit)
         if not problems:
             raise DataError(f"{args.data}: no problems")
-        out = prepare_out_dir(args.out, args.overwrite)
+        check_out_dir(args.out, args.overwrite)
         gen = make_generator(args.model, backend=args.backend, batch_size=args.batch_size,
                              progress=not args.no_progress)
-    except (DataError, ValueError, FileExistsError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        out = prepare_out_dir(args.out, args.overwrite)  # created only once the model has loaded
+    except (ValueError, FileExistsError, RuntimeError, OSError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(str(e)) from None
     meta = {"model": str(args.model), "data": str(args.data), "limit": args.limit,
             "load_seconds": time.perf_counter() - t0}
     s = evaluate(gen, problems, out, template=args.template, prefill=args.prefill,

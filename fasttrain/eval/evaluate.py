@@ -105,12 +105,18 @@ def grade(text: str, answers: list[str]) -> tuple[str | None, bool]:
     return pred, pred is not None and any(is_equiv(pred, a) for a in answers)
 
 
-def prepare_out_dir(out, overwrite: bool) -> Path:
+def check_out_dir(out, overwrite: bool) -> Path:
+    """The output directory may be written (checked before anything is loaded); creates nothing."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite or choose another directory")
+    return out
+
+
+def prepare_out_dir(out, overwrite: bool) -> Path:
+    out = check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

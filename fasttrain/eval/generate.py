@@ -35,9 +35,11 @@ import importlib.util
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from fasttrain.data.tokenize import encode_prompts
+from fasttrain.errors import UserError
 
 __all__ = ["GenStats", "Generator", "HFGenerator", "VLLMGenerator", "make_generator", "vllm_available"]
 
@@ -280,9 +282,34 @@ def make_generator(model_dir: str, backend: str = "auto", batch_size: int = 32, 
     if backend not in _LOGGED:
         _LOGGED.add(backend)
         print(f"[fasttrain] generation backend: {backend} ({why})", file=sys.stderr)
-    if backend == "vllm":
-        return VLLMGenerator(model_dir, **kw)
-    return HFGenerator(model_dir, batch_size=batch_size, progress=progress, **kw)
+    if backend == "vllm" and not vllm_available():
+        raise UserError("backend 'vllm' requested but the vllm package is not installed "
+                        "(pip install vllm, or use --backend hf)")
+    check_model_dir(model_dir)
+    try:
+        if backend == "vllm":
+            return VLLMGenerator(model_dir, **kw)
+        return HFGenerator(model_dir, batch_size=batch_size, progress=progress, **kw)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers/vLLM raise many types while loading; name the model
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise UserError(f"--model {model_dir}: cannot load the model ({type(e).__name__}: {first})") from None
+
+
+def check_model_dir(model_dir: str) -> None:
+    """The model directory exists, has a config.json, and its safetensors files (if any) are readable: a missing
+    or truncated file is named here, before any output directory is created."""
+    from fasttrain.model.checkpoint import INDEX_FILE, SINGLE_FILE, check_model_files
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise UserError(f"--model {model_dir}: expected a Hugging Face model directory with a config.json")
+    if (d / INDEX_FILE).is_file() or (d / SINGLE_FILE).is_file():
+        try:
+            check_model_files(d)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {model_dir}: {e}") from None
 
 
 class _NoBar:

@@ -58,6 +58,17 @@ def resolve_model_source(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{d}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
 
 
+def check_model_files(path: str | os.PathLike) -> Path:
+    """``resolve_model_source`` plus every safetensors file's header read: a truncated or corrupt file is named
+    here, before any data is tokenized or any output written, not halfway through loading."""
+    d = resolve_model_source(path)
+    shards = sorted(set(_read_index(d / INDEX_FILE).values())) if (d / INDEX_FILE).is_file() else [SINGLE_FILE]
+    for shard in shards:
+        with _open_safetensors(d / shard):
+            pass
+    return d
+
+
 def _read_index(index_path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]

@@ -99,6 +99,7 @@ class ModelConfig:
             raise ValueError(
                 f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        _check_architectures(d, model_type, source)
         # Sizes must be positive: a 0 or negative one would end in a ZeroDivisionError here or a
         # shape error deep inside torch when the model is built.
         for key in _POSITIVE_INT_KEYS:
@@ -195,6 +196,21 @@ def _get(d: dict, key: str, typ: type, source: str, default: Any = _MISSING) -> 
     if not ok:
         raise ValueError(f"{source}: key {key!r} must be {typ.__name__}, found {value!r}")
     return value
+
+
+def _check_architectures(d: dict, model_type: str, source: str) -> None:
+    """``architectures`` names the class transformers and vLLM build; the export keeps it. A value that does not
+    match ``model_type`` (a llama config naming GPT2LMHeadModel) would be trained as one model and served as
+    another, so it is refused. Absent or empty, the export writes the model type's class."""
+    archs = d.get("architectures")
+    if archs is None or archs == []:
+        return
+    expected = ARCHITECTURES[model_type]
+    if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{source}: key 'architectures' must be a list of class names, found {archs!r}")
+    if archs != [expected]:
+        raise ValueError(f"{source}: architectures {archs} does not match model_type {model_type!r}; fasttrain "
+                         f"trains and exports {model_type} as [{expected!r}]. Fix config.json so they agree")
 
 
 def _parse_rope(d: dict, source: str) -> RopeConfig:
