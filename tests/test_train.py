@@ -165,3 +165,19 @@ def test_existing_output_dir_is_not_overwritten(tmp_path):
 def test_bad_config_is_named(tmp_path, override, needle):
     result = run_fasttrain(["--config", str(DEMO / "demo.yaml"), f"train.output_dir={tmp_path / 'o'}", override])
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_small_model_recipe_runs_on_cpu(tmp_path):
+    """fasttrain/configs/stepdpo_small.yaml as the README shows it, pointed at the demo model: compute_dtype=auto
+    resolves to float32 on a CPU, and the run trains and exports."""
+    data = small_train_file(tmp_path, 24)
+    out = tmp_path / "small"
+    result = run_fasttrain([
+        "--config", str(DEMO.parent / "configs" / "stepdpo_small.yaml"), f"model.path={DEMO / 'model'}",
+        f"data.train={data}", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}",
+        "train.max_steps=2", "train.global_batch_pairs=8", "train.progress_bar=false", "train.plot=false"])
+    check(result)
+    assert "compute float32" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["run_info"]["config"]["model"]["compute_dtype"] == "float32"
+    assert (out / "final" / "model.safetensors").is_file()
