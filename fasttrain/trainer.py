@@ -442,12 +442,14 @@ class TrainLoop:
             self.logger.write({"split": "skipped", "step": step, "grad_norm": norm, "loss_sum": loss_sum,
                                "record_ids": record_ids})
         if self.consecutive_skips >= self.cfg.train.max_consecutive_skips:
-            raise TrainingStopped(
+            stop = TrainingStopped(
                 f"stopping: {self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
                 f"(steps {self.skipped_steps[-self.consecutive_skips:]}; their record ids are in metrics.jsonl "
                 f"rows with split=skipped). Check those records and the learning rate "
                 f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips})."
             )
+            stop.agreed_by_all_ranks = True  # every rank decides from the same all-reduced values: rank 0 prints
+            raise stop
 
 
 def format_before_after(before: dict, after: dict) -> str:
