@@ -36,7 +36,7 @@ from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
 from fasttrain.export import export_hf, weights_as_exported
 from fasttrain.faults import Faults
-from fasttrain.flops import FlopModel
+from fasttrain.flops import FlopModel, peak_bf16_tflops
 from fasttrain.lm_head import resolve_lm_head
 from fasttrain.loss import (
     MetricSums,
@@ -52,8 +52,6 @@ from fasttrain.reporting import MetricsLogger, ProgressBar, TrainingPeakMemory, 
 from fasttrain.schedule import plan_inference, plan_steps
 
 log = logging.getLogger("fasttrain")
-
-H100_BF16_TFLOPS = 785.0  # dense bf16 matmul measured on the H100 here (DESIGN §6)
 
 
 class TrainingStopped(UserError):
@@ -349,7 +347,12 @@ class TrainLoop:
         cfg, device, rank = self.cfg, self.dist.device, self.dist.rank
         n_fields = len(MetricSums.FIELDS)
         bar = ProgressBar(total_steps, cfg.train.progress_bar and self.dist.is_main)
-        peak = H100_BF16_TFLOPS * 1e12 if device.type == "cuda" else None
+        peak = None  # the MFU denominator: this card's dense bf16 ceiling (fasttrain/flops.py); unknown -> mfu null
+        if device.type == "cuda":
+            tflops, source = peak_bf16_tflops(torch.cuda.get_device_name(device))
+            peak = tflops * 1e12 if tflops else None
+            if self.dist.is_main:
+                log.info("MFU denominator: %s TFLOP/s per GPU (%s)", tflops, source)
         self.model.train()
         t_last = t_ckpt = time.perf_counter()
         interval = np.zeros(n_fields + 2)  # metric sums, tokens, flops since the last log row
