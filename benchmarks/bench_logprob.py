@@ -38,11 +38,13 @@ def eager_logprobs(h, w, t):
     return torch.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
 
 
-def make_impls():
+def make_impls(compile_backend: str = "inductor"):
+    """name -> logp function, and notes on what is missing. ``compile_backend``: torch.compile's backend for
+    "compile" (gpu_check.py's CPU rehearsal passes "eager": dynamo's tracing without inductor's C++ build)."""
     from fasttrain_kernels.ops import lm_head_logprobs_chunked, lm_head_logprobs_triton
 
     impls = {"chunked": lm_head_logprobs_chunked, "triton": lm_head_logprobs_triton, "eager": eager_logprobs,
-             "compile": torch.compile(eager_logprobs, dynamic=False)}
+             "compile": torch.compile(eager_logprobs, dynamic=False, backend=compile_backend)}
     notes = []
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -56,6 +58,16 @@ def make_impls():
 
         impls["liger"] = liger_logprobs
     return impls, notes
+
+
+def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, dev: str, seed: int = 0):
+    """h [N, D], W [V, D] (logits ~ N(0, 9)), targets [N], upstream gradient [N] of logp: one timed problem."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    w = (torch.randn(V, D, device=dev, generator=gen) / D ** 0.5 * 3).to(dtype)
+    h = torch.randn(N, D, device=dev, generator=gen).to(dtype)
+    t = torch.randint(0, V, (N,), device=dev, generator=gen)
+    g = torch.randn(N, device=dev, generator=gen)
+    return h, w, t, g
 
 
 def bench_one(fn, h0, w0, t, g, warmup, reps):
@@ -149,13 +161,9 @@ def main(argv=None) -> int:
     print(f"{'N':>6} {'D':>5} {'impl':>8} {'ms':>9} {'TFLOP/s':>8} {'extra GiB':>9} {'x eager':>7} "
           f"{'mem/eager':>9} {'peak-in':>8} {'err':>8}")
     summary = []
-    gen = torch.Generator(device=dev).manual_seed(0)
     for D in Ds:
-        w = (torch.randn(V, D, device=dev, generator=gen) / D ** 0.5 * 3).to(dtype)
         for N in Ns:
-            h = torch.randn(N, D, device=dev, generator=gen).to(dtype)
-            t = torch.randint(0, V, (N,), device=dev, generator=gen)
-            g = torch.randn(N, device=dev, generator=gen)
+            h, w, t, g = make_inputs(N, D, V, dtype, dev)
             flops = 8 * N * V * D
             eager_row = None
             # a fresh compile per shape (compiled during the warmup, not timed): dynamo's recompile limit (8)
@@ -179,9 +187,8 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001 -- one broken impl must not end a (metered) GPU session
                     print(f"{N:>6} {D:>5} {name:>8} {'FAILED':>9}  {type(e).__name__}: {str(e)[:80]}", flush=True)
                 torch.cuda.empty_cache()
-            del h, t, g, eager_row
-        del w
-        torch.cuda.empty_cache()
+            del h, w, t, g, eager_row
+            torch.cuda.empty_cache()
     target = [r for r in summary if r[0] == 8192 and r[1] == 4096 and r[2] in ("chunked", "triton")]
     for _, _, name, tflops, speed, mem in target:
         print(f"# target N=8192 D=4096 {name}: {tflops:.0f} TFLOP/s (>= 550), {speed}x eager (>= 2), "
@@ -195,11 +202,7 @@ def sweep(args) -> int:
     from fasttrain_kernels.ops import lm_head_logprobs_chunked, lm_head_logprobs_triton
 
     N, D, V, dev = 8192, 4096, args.vocab, "cuda"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    w = (torch.randn(V, D, device=dev, generator=gen) / D ** 0.5 * 3).to(torch.bfloat16)
-    h = torch.randn(N, D, device=dev, generator=gen).to(torch.bfloat16)
-    t = torch.randint(0, V, (N,), device=dev, generator=gen)
-    g = torch.randn(N, device=dev, generator=gen)
+    h, w, t, g = make_inputs(N, D, V, torch.bfloat16, dev)
     flops = 8 * N * V * D
     print(f"# sweep at N={N} D={D} V={V} bf16 on {torch.cuda.get_device_name()}")
     chunked_default = (lm_head_chunked.CHUNK_BYTES, dict(lm_head_chunked.GPU_EPILOGUE))

@@ -16,7 +16,8 @@ with means ~260 / ~45 (DESIGN §7's estimate of Math-Step-DPO-10K), clipped to [
 ``--share F``: a pair reuses the previous pair's prompt and rejected step with probability F (rows of
 the real set do); 0 by default, so every pair is its own prompt group.
 
-MFU = FlopModel FLOPs / (wall time x 785e12), one H100's measured dense bf16 peak (DESIGN §6), with
+MFU = FlopModel FLOPs / (wall time x the card's dense bf16 peak: ``--peak-tflops`` (gpu_check.py passes the one
+it measured), else ``fasttrain.flops.peak_bf16_tflops``'s value for the card, whose source is printed), with
   FLOPs = 6 P_blocks T + 12 L (n_heads d_head) A + 6 N V D      (training)
         + (2 P_blocks T + 4 L (n_heads d_head) A + 2 N V D)      (live reference forward)
 T = real tokens in the packed stream (a shared prompt once), A = attended keys summed over queries,
@@ -28,7 +29,7 @@ TrainingPeakMemory: the loop resets CUDA's counter per log interval).
 
     python benchmarks/bench_step.py --shape qwen2-1.5b --reference both
     python benchmarks/bench_step.py --shape llama3-8b --reference precomputed       # layers reduced to fit
-    python benchmarks/bench_step.py --shape llama3-8b --layers 8 --profile
+    python benchmarks/bench_step.py --shape llama3-8b --layers 8 --profile [--profile-out top15.txt]
     python benchmarks/bench_step.py --smoke                                          # tiny, CPU, seconds
 
 Every run prints a table and one ``RESULT {json}`` line per reference mode (for RESULTS.md and tests).
@@ -58,13 +59,13 @@ from fasttrain.building import build_sharded_model
 from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
 from fasttrain.faults import Faults
-from fasttrain.flops import FlopModel
+from fasttrain.flops import FlopModel, PeakFlops, peak_bf16_tflops
 from fasttrain.lm_head import resolve_lm_head
 from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.packing import PromptGroup, build_groups
 from fasttrain.reference import LiveReference, PrecomputedReference, compute_pair_logps
 from fasttrain.schedule import plan_inference, plan_steps
-from fasttrain.trainer import H100_BF16_TFLOPS, TrainLoop, build_optimizer
+from fasttrain.trainer import TrainLoop, build_optimizer
 
 # HF config.json fields of the shapes (random weights; only the shapes matter).
 SHAPES = {
@@ -79,6 +80,10 @@ SHAPES = {
     "tiny": {"model_type": "qwen2", "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 384,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
              "rope_theta": 1e4, "tie_word_embeddings": True, "max_position_embeddings": 2048},
+    # the Llama path (untied LM head, Llama RoPE) at a CPU size: gpu_check.py's rehearsal of the 8B stage
+    "tiny-llama": {"model_type": "llama", "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 384,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                   "rope_theta": 5e5, "tie_word_embeddings": False, "max_position_embeddings": 2048},
 }
 GIB = 2**30
 
@@ -221,8 +226,8 @@ class Measurement:
     def pairs_per_s(self) -> float:
         return self.pairs / self.seconds
 
-    def mfu(self, on_cuda: bool) -> float | None:
-        return self.flops / self.seconds / (H100_BF16_TFLOPS * 1e12) if on_cuda else None
+    def mfu(self, peak: PeakFlops | None) -> float | None:
+        return self.flops / self.seconds / (peak.tflops * 1e12) if peak and peak.tflops else None
 
 
 def sync(device: torch.device) -> None:
@@ -261,14 +266,19 @@ def measure(args, cfg, dist_info, model, reference, ref_name: str, counter: Coun
     seconds = time.perf_counter() - t0
     peak = loop.peak_memory.span_peak_gib()
     if args.profile:
-        profile_steps(loop, plans[args.warmup + args.steps :], device)
+        table = profile_steps(loop, plans[args.warmup + args.steps :], device)
+        print(f"\nprofile ({ref_name} reference), {table}")
+        if args.profile_out:
+            with open(args.profile_out, "a") as f:
+                f.write(f"bench_step {args.shape}, {ref_name} reference: {table}\n")
     losses = [r["loss"] for r in rows.rows]
     return Measurement(ref_name, len(timed), seconds, counter.tokens, sum(p.num_pairs for p in timed),
                        counter.micro_batches, counter.flops, peak,
                        float(np.mean(losses)) if losses else float("nan"), precompute_seconds)
 
 
-def profile_steps(loop: TrainLoop, plans, device: torch.device) -> None:
+def profile_steps(loop: TrainLoop, plans, device: torch.device) -> str:
+    """Runs ``plans`` under torch.profiler; returns the top-15 table (by self CUDA time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -276,8 +286,7 @@ def profile_steps(loop: TrainLoop, plans, device: torch.device) -> None:
         run_steps(loop, plans)
         sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of {len(plans)} steps, top 15 by {sort}:")
-    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    return f"{len(plans)} step(s), top 15 by {sort}:\n" + prof.key_averages().table(sort_by=sort, row_limit=15)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +312,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                     help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", action="store_true", help="torch.profiler over 2 more steps, top-15 kernels")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over --profile-steps more steps, top-15 "
+                    "kernels")
+    ap.add_argument("--profile-steps", type=int, default=2, help="steps profiled with --profile (default 2)")
+    ap.add_argument("--profile-out", help="with --profile: also append the top-15 tables to this file")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="MFU denominator in TFLOP/s, e.g. the ceiling measured on this card (default: "
+                         "fasttrain.flops.peak_bf16_tflops for the card)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shape on the CPU, 4 pairs/step of short sequences, 1 warmup + 2 timed steps")
     ap.add_argument("--json", help="also write the results to this file")
@@ -358,12 +373,13 @@ def main(argv=None) -> int:
     model_cfg = ModelConfig.from_hf_dict({**SHAPES[args.shape], "num_hidden_layers": layers})
     cfg.data.max_length, cfg.data.max_prompt_length = 1024, 512
 
-    n_steps = args.warmup + args.steps + (2 if args.profile else 0)
+    n_steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
     n_pairs = args.global_batch_pairs * n_steps  # fresh pairs every step
     groups = synthetic_groups(n_pairs, model_cfg.vocab_size, LengthModel(args.lengths), args.share, args.seed)
     plans = plan_steps(groups, args.global_batch_pairs, 1, args.tokens_per_micro_batch, args.seed, 0, n_steps)
 
-    header = describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups, plans)
+    peak = mfu_peak(args, device)
+    header = describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups, plans, peak)
     print(header, flush=True)
     results, rc = [], 0
     try:
@@ -388,19 +404,29 @@ def main(argv=None) -> int:
         fdist.cleanup()
     if not results:
         return rc
-    print(format_results(results, device.type == "cuda"))
+    print(format_results(results, peak, device.type == "cuda"))
     summary = {"shape": args.shape, "layers": layers, "layers_note": layers_note,
                "params": num_params(model_cfg), "device": device_name(device), "torch": torch.__version__,
                "attention": backend, "lm_head": lm_head, "compute_dtype": cfg.model.compute_dtype,
                "activation_checkpointing": cfg.model.activation_checkpointing, "compile": cfg.model.compile,
                "global_batch_pairs": args.global_batch_pairs, "tokens_per_micro_batch": args.tokens_per_micro_batch,
-               "lengths": args.lengths, "share": args.share}
-    records = [result_record(summary, m, device.type == "cuda") for m in results]
+               "lengths": args.lengths, "share": args.share,
+               "mfu_peak_tflops": peak.tflops if peak else None, "mfu_peak_source": peak.source if peak else None}
+    records = [result_record(summary, m, peak) for m in results]
     for rec in records:
         print("RESULT " + json.dumps(rec), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
     return rc
+
+
+def mfu_peak(args, device: torch.device) -> PeakFlops | None:
+    """The MFU denominator: --peak-tflops, else the per-card table; None on the CPU (no MFU there)."""
+    if device.type != "cuda":
+        return None
+    if args.peak_tflops:
+        return PeakFlops(args.peak_tflops, "--peak-tflops")
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))
 
 
 def make_reference(name, model_cfg, cfg, dist_info, backend, lm_head, policy, groups, args):
@@ -428,7 +454,7 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups, plans) -> str:
+def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups, plans, peak) -> str:
     n_pairs = sum(g.num_pairs for g in groups)
     tokens = sum(g.num_tokens for g in groups)
     prompt_tok = sum(len(g.prompt_ids) for g in groups)
@@ -446,24 +472,33 @@ def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups
          f"{prompt_tok / len(groups):.0f} tokens, mean step {(tokens - prompt_tok) / n_cont:.0f}; "
          f"{args.global_batch_pairs} pairs/step, {args.tokens_per_micro_batch} tokens/micro-batch, "
          f"{np.mean(micro):.1f} micro-batches/step; {args.warmup} warmup + {args.steps} timed steps"),
-        ("  MFU = FlopModel FLOPs / (wall s x 785e12);  FLOPs = 6 P_blocks T + 12 L (heads d_head) A + 6 N V D"
-         "  (+ a third of that for the live reference's forward); T real tokens, A attended keys, N step rows"),
+        (f"  MFU = FlopModel FLOPs / (wall s x {peak_text(peak)});  FLOPs = 6 P_blocks T + 12 L (heads d_head) A "
+         "+ 6 N V D  (+ a third of that for the live reference's forward); T real tokens, A attended keys, N step "
+         "rows"),
     ]
     return "\n".join(lines)
 
 
-def result_record(summary: dict, m: Measurement, on_cuda: bool) -> dict:
+def peak_text(peak: PeakFlops | None) -> str:
+    if peak is None:
+        return "the card's bf16 peak: none on the CPU, so no MFU"
+    if peak.tflops is None:
+        return f"no known peak, so no MFU: {peak.source}"
+    return f"{peak.tflops:g} TFLOP/s, {peak.source}"
+
+
+def result_record(summary: dict, m: Measurement, peak: PeakFlops | None) -> dict:
     return {**summary, "reference": m.reference, "timed_steps": m.steps, "seconds": m.seconds,
             "tokens": m.tokens, "pairs": m.pairs, "micro_batches": m.micro_batches, "flops": m.flops,
-            "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "mfu": m.mfu(on_cuda),
+            "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "mfu": m.mfu(peak),
             "peak_mem_gib": m.peak_mem_gib, "loss": m.loss, "precompute_seconds": m.precompute_seconds}
 
 
-def format_results(results: list[Measurement], on_cuda: bool) -> str:
+def format_results(results: list[Measurement], peak: PeakFlops | None, on_cuda: bool) -> str:
     head = f"{'reference':<12} {'step s':>8} {'tokens/s':>10} {'pairs/s':>9} {'MFU':>7} {'peak GiB':>9} {'loss':>8}"
     lines = ["", head, "-" * len(head)]
     for m in results:
-        mfu = m.mfu(on_cuda)
+        mfu = m.mfu(peak)
         lines.append(
             f"{m.reference:<12} {m.seconds / m.steps:>8.3f} {m.tokens_per_s:>10.0f} {m.pairs_per_s:>9.2f} "
             f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>7} "

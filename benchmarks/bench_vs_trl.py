@@ -56,8 +56,10 @@ Metrics per variant:
                  timed steps hold different pairs, and tok/s corrects pairs/s for their lengths
   proc tok/s     tokens the trainer actually ran through the model, no padding: TRL the two sequences, fasttrain
                  its packed stream (the shared prompt once)
-  MFU            model FLOPs needed for the processed tokens / (time x 785 TFLOP/s, the H100 dense bf16 ceiling
-                 measured here, DESIGN §6), with fasttrain's FlopModel (fasttrain/flops.py):
+  MFU            model FLOPs needed for the processed tokens / (time x the card's dense bf16 ceiling:
+                 ``--peak-tflops``, e.g. the one gpu_check.py measured on the card, else
+                 fasttrain.flops.peak_bf16_tflops's value for the card; each variant's settings name it as mfu_peak), with
+                 fasttrain's FlopModel (fasttrain/flops.py):
                  6·P_blocks·tokens + 12·layers·(heads·head_dim)·attended_keys + 6·lm_rows·vocab·hidden, where
                  tokens = processed tokens, attended_keys = causal keys per query summed (per sequence for TRL,
                  per segment for fasttrain), lm_rows = rows predicting a step token (TRL 1.16's fused LM head
@@ -117,7 +119,6 @@ if importlib.util.find_spec("fasttrain") is None:
 if importlib.util.find_spec("fasttrain_kernels") is None:
     sys.path.insert(0, str(REPO / "kernels"))
 
-H100_BF16_TFLOPS = 785.0  # dense bf16 matmul measured on the H100 here (DESIGN §6), as in fasttrain/trainer.py
 DEMO_TOKENIZER = REPO / "fasttrain" / "demo" / "model"
 TRL_VARIANTS = ("trl_default", "trl_precompute", "trl_bf16", "trl_liger")
 FASTTRAIN_VARIANTS = ("fasttrain_precompute", "fasttrain_live")
@@ -200,6 +201,7 @@ class BenchSpec:
     recipe_epochs: float
     loss_tol: float
     work_dir: str
+    peak_tflops: float | None = None  # MFU denominator (--peak-tflops); None: fasttrain.flops' value for the card
 
     @property
     def global_batch(self) -> int:
@@ -309,7 +311,9 @@ def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed
     if work.padded_tokens:
         result.padding_fraction = 1.0 - work.processed_tokens / work.padded_tokens
     if device.type == "cuda":
-        result.mfu = work.flops / timed_s / (H100_BF16_TFLOPS * 1e12)
+        peak = mfu_peak(spec, device)
+        result.mfu = work.flops / timed_s / (peak.tflops * 1e12) if peak.tflops else None
+        result.settings["mfu_peak"] = f"{peak.tflops} TFLOP/s ({peak.source})"
         result.peak_gib = peak_bytes / 2**30
     result.losses = losses
     result.first_loss = losses[0] if losses else None
@@ -320,6 +324,17 @@ def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed
         per_pair = result.precompute_s / result.precompute_pairs / spec.recipe_epochs
         result.amortised_pairs_per_s = 1.0 / (1.0 / result.pairs_per_s + per_pair)
     return result
+
+
+def mfu_peak(spec: BenchSpec, device):
+    """The card's dense bf16 ceiling for MFU: --peak-tflops, else fasttrain.flops' per-card value."""
+    import torch
+
+    from fasttrain.flops import PeakFlops, peak_bf16_tflops
+
+    if spec.peak_tflops:
+        return PeakFlops(spec.peak_tflops, "--peak-tflops")
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))
 
 
 def skip_reason(name: str, spec: BenchSpec, device) -> str | None:
@@ -944,7 +959,8 @@ FOOTNOTE = (
     "pairs/s and tok/s over the timed steps; amort. = pairs/s with the reference precompute charged to the recipe's "
     "epochs; seq tok/s counts prompt+chosen and prompt+rejected (no padding), proc tok/s what the trainer ran "
     "(fasttrain: the prompt once); MFU = FlopModel FLOPs of the processed tokens (6*P_blocks*T + 12*L*H*d*keys + "
-    "6*step_rows*V*D, + forward-only third for a live reference) / (time x 785 TFLOP/s); pad = padding share of "
+    "6*step_rows*V*D, + forward-only third for a live reference) / (time x the card's bf16 ceiling, named in each "
+    "variant's settings as mfu_peak); pad = padding share of "
     "TRL's batches; sane = all losses and grad norms finite and first loss = ln 2 within the tolerance.")
 
 
@@ -1012,6 +1028,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a fasttrain config override for its variants, e.g. model.lm_head_impl=triton (repeatable)")
     p.add_argument("--recipe-epochs", type=float, default=4.0, help="epochs the precompute is amortised over")
     p.add_argument("--loss-tol", type=float, default=1e-3, help="|first loss - ln 2| allowed")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="MFU denominator in TFLOP/s, e.g. the ceiling measured on this card (default: "
+                        "fasttrain.flops.peak_bf16_tflops for the card)")
     p.add_argument("--smoke", action="store_true", help="tiny model and data (CPU: seconds)")
     p.add_argument("--in-process", action="store_true",
                    help="run every variant in this process (no isolation of peak memory / library state)")
@@ -1117,7 +1136,7 @@ def prepare(args, work: Path) -> tuple[BenchSpec, DataSummary, str]:
         total_steps=total_steps, precision=shape.precision, seed=args.seed,
         tokens_per_micro_batch=_pick(args.tokens_per_micro_batch, preset.tokens_per_micro_batch),
         fasttrain_overrides=list(args.fasttrain_set), recipe_epochs=args.recipe_epochs, loss_tol=args.loss_tol,
-        work_dir=str(work),
+        work_dir=str(work), peak_tflops=args.peak_tflops,
     )
     fasttrain_config(spec, "precompute", work / "config-check")  # config errors now, before the model is written
     if args.model:

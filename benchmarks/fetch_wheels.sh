@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Download the wheels that benchmarks/bench_vs_trl.py needs on the GPU machine and its image lacks, into .whl/
-# (the GPU machine has no network; the wheels travel with the working tree as a carried, git-ignored folder).
+# Download the wheels that the GPU machine's image lacks, into .whl/: trl / datasets for the TRL comparison
+# (bench_vs_trl.py) and liger-kernel for the LM-head benchmark's Liger row (the GPU machine has no network; the
+# wheels travel with the working tree as a carried, git-ignored folder). benchmarks/gpu_check.py installs them
+# there itself, into /tmp, in the stages that use them.
 #
 #   bash benchmarks/fetch_wheels.sh                 # trl, datasets, liger-kernel + the missing deps (~2 MiB)
 #   WITH_PYARROW=1 bash benchmarks/fetch_wheels.sh  # also pyarrow (~45 MiB), only if the image's is < 24
@@ -42,7 +44,9 @@ ls -1 .whl
 du -ch .whl/*.whl | tail -1
 cat <<'EOF'
 
-On the GPU machine (device tool `run`, carry [".whl"]), start the command with:
+On the GPU machine (device tool `run`, carry [".whl"]), the GPU check installs them itself:
+  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT --commit <hash>
+A benchmark on its own: start the command with
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
 e.g. the whole comparison:
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 -c "import pyarrow, fsspec; print('pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__)"; PYTHONUNBUFFERED=1 python3 benchmarks/bench_vs_trl.py --json-out $OUT/bench_vs_trl.json --md-out $OUT/bench_vs_trl.md 2>&1 | tee $OUT/bench_vs_trl.log

@@ -58,18 +58,19 @@ import numpy as np
 import torch
 
 from fasttrain.attention import resolve_backend
-from fasttrain.flops import FlopModel
+from fasttrain.flops import FlopModel, peak_bf16_tflops
 from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.model.decoder import DecoderLayer
 from fasttrain.model.rope import inv_freq, rope_cos_sin
 from fasttrain.packing import PackedBatch, build_groups, pack_groups
-from fasttrain.trainer import H100_BF16_TFLOPS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "fasttrain" / "configs" / "stepdpo_qwen2_72b.yaml"
 OFFICIAL_HOURS = 20.0  # the official recipe's wall time for Qwen2-72B on 8 x A100 (issue 5)
 TARGET_HOURS = 1.0  # issue 5's target on 8 x H100
 GIB = 2.0**30
+# The projection's target card (8 / 32 x H100 SXM): its measured dense bf16 ceiling, for the TFLOP/s legend
+H100_BF16_TFLOPS = peak_bf16_tflops("NVIDIA H100 80GB HBM3").tflops
 
 # Qwen2-72B's config.json (the fields the decoder reads). eps and rope do not change the cost.
 QWEN2_72B = {

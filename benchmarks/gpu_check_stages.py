@@ -1,0 +1,636 @@
+"""The stages of benchmarks/gpu_check.py. Each ``stage_*(ctx)`` runs in its own process and calls into the
+benchmark scripts and the GPU tests (imported, not copied); ``ctx.rehearsal`` picks the CPU rehearsal's tiny
+shapes, everything else is the same code. ``ctx`` is gpu_check.StageContext: tables, notes, checks (a false
+check fails the stage once it has run to the end), ``ctx.skip(reason)``, ``ctx.time_left()``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ and tests/ are not packages: their modules are imported by name (tests/ last: its helpers'
+# names, e.g. "weights", must not shadow anything installed)
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.append(str(REPO / "tests"))
+WHEEL_TARGET = Path("/tmp/fasttrain-wheels")
+LN2 = math.log(2)
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+def get_device(ctx):
+    import torch
+
+    if ctx.rehearsal:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device in this stage's process (torch.cuda.is_available() is False)")
+    return torch.device("cuda", 0)
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_op(fn, device, warmup: int, reps: int) -> float:
+    """Median seconds of ``fn()`` (CUDA events on a GPU, wall clock on the CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def version_of(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception as e:  # noqa: BLE001 -- a broken install is reported, not raised
+        return f"not importable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def fmt(x, spec: str = ".3g", none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def pct(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def peak_args(ctx) -> list[str]:
+    """The MFU denominator for the benchmark scripts: stage 0's measured ceiling when it ran."""
+    peak = ctx.context.get("peak_tflops")
+    return ["--peak-tflops", repr(peak)] if peak else []
+
+
+def peak_note(ctx) -> str:
+    if ctx.rehearsal:
+        return "MFU: n/a on the CPU"
+    if ctx.context.get("peak_tflops"):
+        return f"MFU = model FLOPs / (time x {ctx.context['peak_tflops']:.0f} TFLOP/s, {ctx.context['peak_source']})"
+    return "MFU against fasttrain.flops.peak_bf16_tflops' value for the card (stage 0 did not measure a ceiling)"
+
+
+def ensure_wheels(ctx) -> None:
+    """trl / datasets / liger-kernel from the carried .whl/ (benchmarks/fetch_wheels.sh), installed once per
+    machine into /tmp and put on this process's path and its children's."""
+    wheels = sorted((REPO / ".whl").glob("*.whl"))
+    if not wheels:
+        ctx.note("no wheels in .whl/: trl, datasets and liger-kernel come only from the image "
+                 "(run benchmarks/fetch_wheels.sh and carry .whl)")
+        return
+    marker = WHEEL_TARGET / ".installed"
+    names = "\n".join(w.name for w in wheels)
+    if not (marker.is_file() and marker.read_text() == names):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(WHEEL_TARGET), *map(str, wheels)], check=True)
+        marker.write_text(names)
+        ctx.note(f"installed {len(wheels)} carried wheels into {WHEEL_TARGET}")
+    if str(WHEEL_TARGET) not in sys.path:
+        sys.path.insert(0, str(WHEEL_TARGET))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WHEEL_TARGET), os.environ.get("PYTHONPATH")]))
+        importlib.invalidate_caches()
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. Environment and ceilings
+# ----------------------------------------------------------------------------------------------
+def driver_version() -> str:
+    if not shutil.which("nvidia-smi"):
+        return "unknown (no nvidia-smi)"
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True, timeout=30)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else \
+        f"unknown (nvidia-smi: {out.stderr.strip()[:80]})"
+
+
+def time_gemm(dev, n: int, reps: int) -> float:
+    """Median seconds of an n x n x n bf16 matmul on random data (3 warm-ups)."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    return time_op(lambda: torch.matmul(a, b, out=c), dev, 3, reps)
+
+
+def time_copy(dev, nbytes: int, reps: int) -> float:
+    """Median seconds of copying an ``nbytes`` tensor into another on the device (3 warm-ups)."""
+    import torch
+
+    src = torch.empty(nbytes // 2, device=dev, dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    return time_op(lambda: dst.copy_(src), dev, 3, reps)
+
+
+def stage_env(ctx) -> None:
+    import torch
+
+    from fasttrain.flops import peak_bf16_tflops
+
+    dev = get_device(ctx)
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "CUDA (torch build)": torch.version.cuda or "none (CPU build)", "triton": version_of("triton"),
+                "transformers": version_of("transformers"), "numpy": version_of("numpy"),
+                "flash_attn": version_of("flash_attn")}
+    table = ctx.table("software", ["package", "version"])
+    for name, v in versions.items():
+        table.add(name, v)
+
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        card = props.name
+        card_info = {"card": card, "memory": f"{props.total_memory / GIB:.1f} GiB",
+                     "multiprocessors": props.multi_processor_count,
+                     "compute capability": f"{props.major}.{props.minor}", "driver": driver_version()}
+    else:
+        card = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        card_info = {"card": card, "driver": "none (CPU rehearsal)"}
+    card_info["commit"] = ctx.context["commit"]
+    table = ctx.table("machine", ["what", "value"])
+    for k, v in card_info.items():
+        table.add(k, v)
+
+    # Ceilings: an 8192^3 bf16 GEMM (as DESIGN §6 measured the H100) and a 2 GiB device-to-device copy
+    n, copy_bytes, reps = (512, 64 * 2**20, 3) if ctx.rehearsal else (8192, 2 * GIB, 20)
+    gemm_s, copy_s = time_gemm(dev, n, reps), time_copy(dev, copy_bytes, reps)
+    tflops = 2 * n**3 / gemm_s / 1e12
+    gbps = 2 * copy_bytes / copy_s / 1e9  # bytes read + written
+    listed = peak_bf16_tflops(card) if dev.type == "cuda" else None
+    table = ctx.table("ceilings (measured here; every MFU and % of ceiling after this divides by them)",
+                      ["what", "size", "median", "measured", "fasttrain.flops table for this card"])
+    table.add("bf16 GEMM", f"{n}x{n}x{n}", f"{gemm_s * 1e3:.3f} ms", f"{tflops:.1f} TFLOP/s",
+              "n/a (CPU)" if listed is None else f"{fmt(listed.tflops, 'g', 'none')} ({listed.source})")
+    table.add("device copy", f"{copy_bytes / 2**20:.0f} MiB", f"{copy_s * 1e3:.3f} ms",
+              f"{gbps:.0f} GB/s (read + write)", "–")
+    ctx.check(tflops > 0 and gbps > 0, "ceilings measured as zero")
+    on_gpu = dev.type == "cuda"
+    source = f"measured in stage 0 ({n}^3 bf16 GEMM, median of {reps})"
+    details = ", ".join(f"{k} {v}" for k, v in card_info.items() if k not in ("card", "commit"))
+    ctx.set(card=card, card_line=f"{card} ({details})",
+            software_line=", ".join(f"{k} {v}" for k, v in versions.items()),
+            ceilings_line=f"bf16 GEMM {tflops:.1f} TFLOP/s, device copy {gbps:.0f} GB/s (read + write)",
+            bf16_tflops=tflops, copy_gbps=gbps, table_tflops=listed.tflops if listed else None,
+            table_source=listed.source if listed else None,
+            # CPU numbers are no MFU denominator: the benchmark scripts report MFU on CUDA only
+            context_for_later_stages={"peak_tflops": tflops if on_gpu else None,
+                                      "peak_source": source if on_gpu else None, "copy_gbps": gbps, "card": card})
+    vs = (f" ({tflops / listed.tflops:.2f}x the table's {listed.tflops:g}, {listed.source.split(':')[0]})"
+          if listed and listed.tflops else "")
+    ctx.summary(f"{card}: bf16 GEMM {tflops:.3g} TFLOP/s{vs}, copy {gbps:.3g} GB/s")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. bf16 correctness at real sizes
+# ----------------------------------------------------------------------------------------------
+def stage_correctness(ctx) -> None:
+    dev = get_device(ctx)
+    # the attention grid may use what the LM-head and whole-model checks do not need (~35 s on a GPU, a few
+    # seconds of interpreted kernels in the rehearsal)
+    attention_stop = time.time() + ctx.time_left() - (4 if ctx.rehearsal else 35)
+    n_att = timed("attention", check_attention, ctx, dev, attention_stop)
+    n_lm = timed("LM head", check_lm_head, ctx, dev)
+    n_model = timed("whole model", check_whole_model, ctx, dev)
+    ctx.summary(f"attention {n_att}, LM head {n_lm}, whole model {n_model}"
+                + ("" if not ctx.failures else f"; {len(ctx.failures)} over tolerance"))
+
+
+GPU_ATTENTION_BACKENDS = ["torch_varlen", "flash_attn"]  # flash_attn: where the package imports
+
+
+def timed(what: str, fn, *args):
+    """fn(*args), printing how long it took (the log shows where a stage's time went)."""
+    t0 = time.time()
+    out = fn(*args)
+    print(f"{what}: {out} in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+def available_backend(backend: str, dev) -> str | None:
+    """None when the attention backend runs here in bf16, else why not."""
+    import torch
+
+    from fasttrain.attention import resolve_backend
+
+    if backend == "reference":
+        return None
+    try:
+        resolve_backend(backend, dev, torch.bfloat16)
+    except RuntimeError as e:
+        return first_line(e)
+    return None
+
+
+def check_attention(ctx, dev, stop_at: float) -> str:
+    """tests/test_attention_gpu.py's cases: varlen_attention on packed prefix-shared batches, forward and
+    backward, against the dense float64 truth; its tolerance rule (FACTOR x the bf16 dense reference's own
+    error + FLOOR x max|truth|). The cells are error / bf16-reference error."""
+    import torch
+
+    import test_attention_gpu as T
+    from fasttrain.attention import varlen_attention
+
+    backends = GPU_ATTENTION_BACKENDS
+    # every layout (the 4096-token prompt included) at Llama-3-8B's head shape first, so a short budget cuts
+    # head shapes, not layouts
+    shapes = sorted(T.HEAD_SHAPES, key=lambda shape: shape != (4, 128))
+    cases = [(layout, gqa, hd) for gqa, hd in shapes for layout in T.LAYOUTS]
+    if ctx.rehearsal:  # the CPU runs the reference backend (the others report why not); one case keeps it short
+        backends, cases = ["reference"] + backends, [(T.LAYOUTS[0], 8, 64)]
+    table = ctx.table(f"attention, bf16, vs float64 truth: error ÷ the bf16 dense reference's error (pass: <= "
+                      f"{T.FACTOR:g} + floor)", ["backend", "layout", "GQA", "head dim", "out", "dq", "dk", "dv",
+                                                 "verdict"])
+    passed = total = 0
+    for backend in backends:
+        why = available_backend(backend, dev)
+        if why:
+            table.add(backend, "–", "–", "–", "–", "–", "–", "–", f"skipped: {why}")
+            continue
+        for i, (layout, gqa, hd) in enumerate(cases):
+            if time.time() > stop_at:
+                ctx.note(f"attention {backend}: {len(cases) - i} of {len(cases)} cases not run (stage budget)")
+                break
+            batch = T.pack_layout(layout)
+            attn = batch.attn.to(T.DEVICE)
+            seqs = T.unshared_sequences(layout)
+            x = T.make_inputs(batch.num_tokens, gqa, hd, seed=zlib.crc32(f"{layout.name}/{gqa}/{hd}".encode()))
+            truth = T.forward_backward(lambda q, k, v: T.dense_attention(q, k, v, seqs), x.to(torch.float64))
+            baseline = T.forward_backward(lambda q, k, v: T.dense_attention(q, k, v, seqs), x)
+            tested = T.forward_backward(lambda q, k, v: varlen_attention(q, k, v, attn, backend), x)
+            ratios, ok = [], True
+            for name in ("out", "dq", "dk", "dv"):
+                err = (tested[name].double() - truth[name]).abs().max().item()
+                base = (baseline[name].double() - truth[name]).abs().max().item()
+                scale = truth[name].abs().max().item()
+                ok &= bool(torch.isfinite(tested[name]).all()) and err <= T.FACTOR * base + T.FLOOR * scale
+                ratios.append(f"{err / base:.2f}" if base > 0 else f"{err:.1e} abs")
+            table.add(backend, layout.name, gqa, hd, *ratios, "ok" if ok else "FAIL")
+            ctx.check(ok, f"attention {backend} {layout.name} gqa={gqa} d={hd} over tolerance")
+            passed, total = passed + ok, total + 1
+    return f"{passed}/{total} ok" if total else "none run"
+
+
+def check_lm_head(ctx, dev) -> str:
+    """tests/test_lm_head_kernel.py's rule at the real size: each kernel's logp / dh / dW error against float64
+    within FACTOR x the plain reference's error in the same dtype (+ a few ulps)."""
+    import torch
+
+    import test_lm_head_kernel as K
+
+    if ctx.rehearsal:  # the interpreter: tiny, fp32 and fp16 (its bf16 tl.dot is broken)
+        (N, D, V), dtypes = (37, 48, 203), (torch.float32, torch.float16)
+        problem = K.interpreter_problem()
+    else:
+        (N, D, V), dtypes, problem = (8192, 4096, 152064), (torch.bfloat16,), None
+    table = ctx.table(f"LM head at N={N} D={D} V={V} vs float64: error ÷ the plain reference's error in the same "
+                      f"dtype (pass: <= {K.FACTOR:g} + a few ulps)",
+                      ["impl", "dtype", "tensor", "error", "reference error", "ratio", "verdict"])
+    if problem:
+        table.add("chunked, triton", "–", "–", "–", "–", "–", f"skipped: {problem}")
+        return "skipped"
+    passed = total = 0
+    for dtype in dtypes:
+        h, w, t, g = K._make(N, D, V, dtype, device=K.DEV, seed=9)
+        t[0], t[1] = 0, V - 1
+        truth = K._truth_chunked(h, w, t, g)
+        ref = K._reference_grads(h, w, t, g, dtype)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        for impl in ("chunked", "triton"):
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            logp = K.IMPLS[impl][0](hh, ww, t)
+            (logp * g).sum().backward()
+            got = (logp.detach(), hh.grad, ww.grad)
+            del hh, ww
+            for name, a, r, tr in zip(("logp", "dh", "dW"), got, ref, truth):
+                e, e_ref = K._err(a, tr), K._err(r, tr)
+                try:
+                    K._assert_close(name, a, r, tr, dtype)
+                    ok = bool(torch.isfinite(a).all())
+                except AssertionError:
+                    ok = False
+                table.add(impl, str(dtype).removeprefix("torch."), name, f"{e:.3g}", f"{e_ref:.3g}",
+                          f"{e / e_ref:.2f}" if e_ref else "–", "ok" if ok else "FAIL")
+                ctx.check(ok, f"LM head {impl} {dtype} {name}: error {e:.3g} vs reference {e_ref:.3g}")
+                passed, total = passed + ok, total + 1
+            del got
+        del h, w, t, g, truth, ref
+    return f"{passed}/{total} ok" if total else "none run"
+
+
+def check_whole_model(ctx, dev) -> str:
+    """tests/test_attention_gpu.py's whole-model check: a random Qwen2-shaped model's packed, prefix-shared
+    pair log-probs in bf16 vs each sequence run alone (the rule: packed error <= 4 x unpacked bf16 error)."""
+    import test_attention_gpu as T
+
+    table = ctx.table("whole model (4 layers, hidden 512), bf16: packed prefix-shared vs every sequence alone",
+                      ["backend", "verdict"])
+    if ctx.rehearsal:  # its float64 truth costs ~10 s of the CPU rehearsal, and CI runs it already
+        ctx.check(callable(getattr(T, "check_whole_model_packed_logps", None)),
+                  "tests/test_attention_gpu.py has no check_whole_model_packed_logps any more")
+        table.add("reference", "skipped in the rehearsal: the same check runs in CI as tests/test_attention_gpu.py::"
+                               "test_whole_model_packed_logps_check_itself_on_cpu")
+    passed = total = 0
+    for backend in GPU_ATTENTION_BACKENDS:
+        why = available_backend(backend, dev)
+        if why:
+            table.add(backend, f"skipped: {why}")
+            continue
+        try:
+            T.check_whole_model_packed_logps(backend, dev)
+            table.add(backend, "ok: packed error within 4x the unpacked bf16 error")
+            passed += 1
+        except AssertionError as e:
+            table.add(backend, f"FAIL: {first_line(e)}")
+            ctx.check(False, f"whole model {backend}: {first_line(e)}")
+        total += 1
+    return f"{passed}/{total} ok" if total else "none run"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. LM-head benchmark
+# ----------------------------------------------------------------------------------------------
+def stage_lm_head(ctx) -> None:
+    import torch
+
+    ensure_wheels(ctx)  # Liger's row needs liger-kernel
+    import bench_logprob as B
+
+    dev = get_device(ctx)
+    if ctx.rehearsal:  # interpreter, fp32; torch.compile with dynamo's eager backend (no C++ build on the CPU)
+        shapes, V, dtype, warmup, reps = ((37, 48), (16, 64)), 203, torch.float32, 1, 2
+    else:
+        shapes, V, dtype, warmup, reps = ((8192, 4096), (2048, 8192)), 152064, torch.bfloat16, 2, 5
+    compile_backend = "eager" if ctx.rehearsal else "inductor"
+    impls, notes = B.make_impls(compile_backend)
+    for note in notes:
+        ctx.note(note)
+    peak = ctx.context.get("peak_tflops")
+    table = ctx.table(f"logp = log_softmax(h @ W.T)[t], forward + backward, V={V}, {str(dtype).removeprefix('torch.')}"
+                      f", median of {reps} after {warmup} warm-up; TFLOP/s counted as 6·N·V·D; extra = peak memory "
+                      f"minus inputs and dh/dW; err = max relative error vs eager (logp, dh, dW); compile backend "
+                      f"{compile_backend}",
+                      ["N", "D", "impl", "ms", "TFLOP/s", "% of ceiling", "extra GiB", "x eager", "err", "note"])
+    best = {}
+    for N, D in shapes:
+        torch._dynamo.reset()  # a fresh compile per shape, as bench_logprob does
+        h, w, t, g = B.make_inputs(N, D, V, dtype, dev.type)
+        eager = None
+        for name in ("eager", "chunked", "triton", "liger", "compile"):
+            blank = ("–",) * 6
+            if name not in impls:  # make_impls said why (liger: not importable)
+                table.add(N, D, name, *blank, next((n for n in notes if n.startswith(name)), "not available"))
+                continue
+            need = 30 if name == "compile" and not ctx.rehearsal else 5  # inductor builds the kernels first
+            if ctx.time_left() < need:
+                table.add(N, D, name, *blank, f"skipped: {ctx.time_left():.0f} s of the stage budget left")
+                continue
+            try:
+                sec, extra, _, outs = B.bench_one(impls[name], h, w, t, g, warmup, reps)
+            except torch.OutOfMemoryError:
+                table.add(N, D, name, *blank, "OOM")
+                ctx.check(name not in ("chunked", "triton"), f"LM head {name} at N={N} D={D}: out of memory")
+                continue
+            except Exception as e:  # noqa: BLE001 -- one broken implementation must not end the stage
+                table.add(N, D, name, *blank, f"FAILED: {first_line(e)}")
+                ctx.check(False, f"LM head {name} at N={N} D={D}: {first_line(e)}")
+                continue
+            tflops = 6 * N * V * D / sec / 1e12
+            if name == "eager":
+                eager = (sec, outs)
+            on_gpu = dev.type == "cuda"
+            table.add(N, D, name, f"{sec * 1e3:.2f}", f"{tflops:.1f}",
+                      f"{100 * tflops / peak:.0f}%" if peak else "–", f"{extra / GIB:.2f}" if on_gpu else "–",
+                      f"{eager[0] / sec:.2f}" if eager else "–",
+                      f"{B.rel_err(outs, eager[1]):.1e}" if eager and name != "eager" else "–", "")
+            best.setdefault((N, D), []).append((tflops, name))
+            del outs
+            if on_gpu:
+                torch.cuda.empty_cache()
+        del h, w, t, g, eager
+    ctx.summary("; ".join(f"{N}x{D}: " + ", ".join(f"{n} {tf:.3g}" for tf, n in sorted(v, reverse=True)[:3])
+                          + " TFLOP/s" for (N, D), v in best.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3 and 4. Training steps (benchmarks/bench_step.py)
+# ----------------------------------------------------------------------------------------------
+STEP_COLUMNS = ["reference", "act. ckpt", "layers", "step s", "pairs/s", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
+                "loss", "precompute s"]
+
+
+def run_bench_step(ctx, argv: list[str], tag: str) -> tuple[int, list[dict]]:
+    """bench_step.main with ``argv``: (exit code, its RESULT records)."""
+    import bench_step
+
+    out = ctx.workdir / f"bench_step-{tag}.json"
+    print(f"bench_step.py {' '.join(argv)}", flush=True)
+    rc = bench_step.main(argv + ["--json", str(out)])
+    return rc, (json.loads(out.read_text()) if out.is_file() else [])
+
+
+def add_step_rows(ctx, table, records: list[dict]) -> None:
+    for r in records:
+        table.add(r["reference"], "on" if r["activation_checkpointing"] else "off", r["layers"],
+                  f"{r['seconds'] / r['timed_steps']:.3f}", f"{r['pairs_per_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+                  f"{r['flops'] / r['seconds'] / 1e12:.1f}", pct(r["mfu"]), fmt(r["peak_mem_gib"], ".1f"),
+                  f"{r['loss']:.4f}", fmt(r["precompute_seconds"], ".1f"))
+        ctx.check(math.isfinite(r["loss"]), f"{r['shape']} {r['reference']}: loss {r['loss']}")
+
+
+def stage_step_1p5b(ctx) -> None:
+    base = ["--smoke"] if ctx.rehearsal else ["--shape", "qwen2-1.5b", "--warmup", "1", "--steps", "3"]
+    base += peak_args(ctx)
+    profile = ctx.artifact("profile")
+    runs = [("ac_on", ["--reference", "both", "--profile", "--profile-steps", "1", "--profile-out", str(profile)]),
+            ("ac_off", ["--reference", "precomputed", "--no-activation-checkpointing"])]
+    shape = ("tiny shape (bench_step --smoke: 4 pairs/step, 2048 tokens/micro-batch, short sequences)"
+             if ctx.rehearsal else "Qwen2-1.5B shape, 128 pairs/step, 8192 tokens/micro-batch, design lengths")
+    table = ctx.table(f"{shape}, 1 warm-up + {2 if ctx.rehearsal else 3} timed steps; {peak_note(ctx)}", STEP_COLUMNS)
+    measured = []
+    for tag, extra in runs:
+        if ctx.time_left() < (2 if ctx.rehearsal else 10):
+            ctx.note(f"{tag}: not run ({ctx.time_left():.0f} s of the stage budget left)")
+            continue
+        rc, records = run_bench_step(ctx, base + extra, tag)
+        add_step_rows(ctx, table, records)
+        measured += records
+        ctx.check(rc == 0 and bool(records), f"bench_step {tag}: exit code {rc} (3: out of memory)")
+    if profile.is_file():
+        ctx.note("top-15 kernels of one profiled step per reference: gpu_check_profile.txt")
+    ctx.summary(", ".join(f"{r['reference']}/ckpt {'on' if r['activation_checkpointing'] else 'off'} "
+                          f"{r['pairs_per_s']:.1f} pairs/s MFU {pct(r['mfu'])}" for r in measured))
+
+
+def stage_step_8b(ctx) -> None:
+    import bench_step
+
+    shape = bench_step.SHAPES["llama3-8b"]
+    fits = ctx.table("Llama-3-8B layers that fit one card (bench_step.auto_layers estimate: precomputed reference, "
+                     "checkpointing on, 8192 tokens/micro-batch)", ["card memory", "layers of 32"])
+    for label, gib in (("80 GB (H100): 79.6 GiB", 79.6), ("141 GB (H200): 139.8 GiB", 139.8)):
+        fits.add(label, bench_step.auto_layers(shape, False, True, 8192, int(gib * GIB)))
+    if ctx.rehearsal:  # the Llama code path (untied head) at a CPU size
+        layers = None
+        argv = ["--shape", "tiny-llama", "--global-batch-pairs", "4", "--tokens-per-micro-batch", "2048",
+                "--warmup", "1", "--steps", "1", "--lengths", "smoke"]
+    else:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        layers = bench_step.auto_layers(shape, False, True, 8192, total)
+        argv = ["--shape", "llama3-8b", "--warmup", "1", "--steps", "2"]
+    shape = ("tiny Llama shape, 4 pairs/step, 2048 tokens/micro-batch, 1 warm-up + 1 timed step" if ctx.rehearsal
+             else "Llama-3-8B shape, as many layers as fit, 128 pairs/step, 1 warm-up + 2 timed steps")
+    table = ctx.table(f"{shape}; {peak_note(ctx)}", STEP_COLUMNS)
+    argv += ["--reference", "precomputed"] + peak_args(ctx)
+    while True:
+        rc, records = run_bench_step(ctx, argv + (["--layers", str(layers)] if layers else []), f"8b-{layers}")
+        add_step_rows(ctx, table, records)
+        if rc == 3 and layers and layers > 1 and ctx.time_left() > 25:  # the estimate was too high: fewer layers
+            ctx.note(f"{layers} layers ran out of memory; again with {layers * 3 // 4}")
+            layers = max(1, layers * 3 // 4)
+            continue
+        break
+    ctx.check(rc == 0 and bool(records), f"bench_step 8B: exit code {rc} (3: out of memory)")
+    if records:
+        r = records[0]
+        ctx.summary(f"{r['layers']} layers: {r['pairs_per_s']:.1f} pairs/s, MFU {pct(r['mfu'])}, "
+                    f"{fmt(r['peak_mem_gib'], '.1f')} GiB")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. TRL side by side (benchmarks/bench_vs_trl.py)
+# ----------------------------------------------------------------------------------------------
+TRL_VARIANTS = "trl_default,fasttrain_live"  # TRL as it comes vs fasttrain with the same (live) reference kind
+
+
+def stage_trl(ctx) -> None:
+    ensure_wheels(ctx)
+    if importlib.util.find_spec("trl") is None:
+        ctx.skip("trl is not importable (carry .whl from benchmarks/fetch_wheels.sh)")
+    import bench_vs_trl
+
+    out = ctx.workdir / "bench_vs_trl.json"
+    # each variant in its own worker process, as on the GPU (peak memory of its own); 1 warm-up + 4 timed
+    # steps of 16 pairs: the start-up of a worker (~40 s) dominates, more steps would not fit the budget
+    argv = ["--variants", TRL_VARIANTS, "--json-out", str(out)] + peak_args(ctx)
+    argv += ["--smoke"] if ctx.rehearsal else ["--warmup-steps", "1", "--steps", "4"]
+    print(f"bench_vs_trl.py {' '.join(argv)}", flush=True)
+    rc = bench_vs_trl.main(argv)
+    ctx.check(out.is_file(), f"bench_vs_trl wrote no results (exit code {rc})")
+    if not out.is_file():
+        return
+    results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    table = ctx.table(f"{'tiny (rehearsal)' if ctx.rehearsal else 'Qwen2-1.5B'} shape, same model, data, batch, lr, "
+                      f"precision; {peak_note(ctx)}",
+                      ["variant", "status", "pairs/s", "seq tok/s", "proc tok/s", "MFU", "peak GiB", "first loss",
+                       "sane"])
+    for name, r in results.items():
+        table.add(name, r["status"] + (f": {r['reason']}" if r.get("reason") else ""), fmt(r["pairs_per_s"], ".2f"),
+                  fmt(r["seq_tokens_per_s"], ".0f"), fmt(r["processed_tokens_per_s"], ".0f"),
+                  pct(r["mfu"]), fmt(r["peak_gib"], ".1f"), fmt(r["first_loss"], ".4f"),
+                  {True: "yes", False: "NO", None: "–"}[r["sane"]])
+        ctx.check(r["status"] == "ok" and r["sane"], f"{name}: {r['status']} {r.get('reason', '')}, sane {r['sane']}")
+    fast, trl = results.get("fasttrain_live", {}), results.get("trl_default", {})
+    if fast.get("pairs_per_s") and trl.get("pairs_per_s"):
+        ratio = fast["pairs_per_s"] / trl["pairs_per_s"]
+        ctx.set(ratio_live=ratio)
+        ctx.summary(f"fasttrain_live / trl_default: {ratio:.2f}x pairs/s")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The demo through fasttrain/run.py
+# ----------------------------------------------------------------------------------------------
+def stage_demo(ctx) -> None:
+    demo = REPO / "fasttrain" / "demo"
+    run_dir = ctx.workdir / "demo-run"
+    steps = 2 if ctx.rehearsal else 4
+    overrides = [f"train.output_dir={run_dir}", f"data.cache_dir={ctx.workdir / 'demo-cache'}",
+                 f"train.max_steps={steps}", "train.log_every=1", "train.progress_bar=false", "train.plot=false",
+                 "train.tensorboard=false"]
+    if ctx.rehearsal:  # the whole demo set's reference pass and evaluations take a minute on the CPU: a slice
+        for split, n in (("train", 64), ("eval", 32)):
+            lines = (demo / "data" / f"{split}.jsonl").read_text().splitlines()[:n]
+            path = ctx.workdir / f"demo-{split}.jsonl"
+            path.write_text("\n".join(lines) + "\n")
+            overrides.append(f"data.{split}={path}")
+    cmd = [sys.executable, str(REPO / "fasttrain" / "run.py"), "--demo", *overrides]
+    print(" ".join(cmd), flush=True)
+    t0 = time.time()
+    limit = max(ctx.time_left() - 3, 1)  # the checks below need a moment after it
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=limit)
+    except subprocess.TimeoutExpired as e:
+        out = e.output or b""  # bytes even with text=True (subprocess's timeout path)
+        print(out.decode(errors="replace") if isinstance(out, bytes) else out, flush=True)
+        ctx.check(False, f"run.py --demo did not finish within the stage's {limit:.0f} s")
+        return
+    wall = time.time() - t0
+    print(proc.stdout, flush=True)
+    last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    table = ctx.table(f"fasttrain/run.py --demo, {steps} steps" + (" on slices of its data" if ctx.rehearsal else ""),
+                      ["check", "value", "verdict"])
+    table.add("exit code", proc.returncode, "ok" if proc.returncode == 0 else "FAIL")
+    ctx.check(proc.returncode == 0, f"run.py --demo exited {proc.returncode}: {last}")
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    first_ok = bool(losses) and abs(losses[0] - LN2) <= 2e-3  # policy == reference at step 1
+    table.add("first loss (ln 2 = 0.6931)", fmt(losses[0] if losses else None, ".4f"), "ok" if first_ok else "FAIL")
+    ctx.check(first_ok, f"first demo loss {losses[:1]} is not ln 2 within 2e-3")
+    table.add("train steps logged", len(losses), "ok" if len(losses) == steps else "FAIL")
+    ctx.check(len(losses) == steps and all(math.isfinite(x) for x in losses), f"demo losses {losses}")
+    exported = check_export(run_dir / "final")
+    table.add("export final/ loads in transformers", exported, "ok" if exported == "finite logits" else "FAIL")
+    ctx.check(exported == "finite logits", f"demo export: {exported}")
+    ctx.summary(f"{len(losses)} steps, first loss {fmt(losses[0] if losses else None, '.4f')}, export {exported}, "
+                f"{wall:.0f} s")
+
+
+def check_export(final: Path) -> str:
+    """'finite logits' when the exported HF checkpoint loads in transformers and runs; else what is wrong."""
+    if not (final / "config.json").is_file() or not list(final.glob("*.safetensors")):
+        return f"no config.json / *.safetensors in {final.name}/"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    return "finite logits" if torch.isfinite(logits).all() else "non-finite logits"
