@@ -171,7 +171,7 @@ def test_unreadable_files(tmp_path):
         load_records(csv)
     binary = tmp_path / "b.jsonl"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(DataError, match=r"b\.jsonl: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"b\.jsonl, line 1: not valid UTF-8"):
         load_records(binary)
     not_parquet = tmp_path / "p.parquet"
     not_parquet.write_text("hello")
