@@ -2,7 +2,7 @@
 
 What runs is the trainer's own code: ``fasttrain.trainer.TrainLoop`` (micro-batches through
 ``run_micro_batch``, gradient clipping, the one all-reduce + host sync per step, AdamW, LR schedule)
-on an FSDP2 model built as ``fasttrain.building.build_sharded_model`` builds it (meta device, fp32
+on an FSDP2 model built as ``fasttrain.assembly.build_sharded_model`` builds it (meta device, fp32
 master weights, ``fully_shard`` per block + root with ``MixedPrecisionPolicy(bf16, fp32)``,
 activation checkpointing per block), world size 1. The only difference: weights are drawn at random
 on the device (std 0.02, norms 1, biases 0) instead of read from a checkpoint, so no 32 GB file is
@@ -55,16 +55,16 @@ import torch
 
 from fasttrain import distributed as fdist
 from fasttrain.attention import resolve_backend
-from fasttrain.building import build_sharded_model
+from fasttrain.assembly import build_sharded_model
 from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
 from fasttrain.faults import Faults
 from fasttrain.flops import FlopModel, PeakFlops, peak_bf16_tflops
-from fasttrain.lm_head import resolve_lm_head
+from fasttrain_kernels import resolve_lm_head
 from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.packing import PromptGroup, build_groups
-from fasttrain.reference import LiveReference, PrecomputedReference, compute_pair_logps
-from fasttrain.schedule import plan_inference, plan_steps
+from fasttrain.reference_logps import LiveReference, PrecomputedReference, compute_pair_logps
+from fasttrain.plan import plan_inference, plan_steps
 from fasttrain.trainer import TrainLoop, build_optimizer
 
 # HF config.json fields of the shapes (random weights; only the shapes matter).
@@ -130,11 +130,11 @@ def synthetic_groups(n_pairs: int, vocab: int, lengths: LengthModel, share: floa
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: building.build_sharded_model with random weights instead of a checkpoint
+# Model: assembly.build_sharded_model with random weights instead of a checkpoint
 # ----------------------------------------------------------------------------------------------
 def build_random_sharded(model_cfg: ModelConfig, cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
                          trainable: bool, seed: int):
-    """building.build_sharded_model (the trainer's) with random weights drawn on the device in place of a
+    """assembly.build_sharded_model (the trainer's) with random weights drawn on the device in place of a
     checkpoint; the same seed gives the same weights, so a live reference starts equal to the policy."""
     return build_sharded_model(cfg, dist_info, backend, trainable, model_cfg=model_cfg,
                                init_weights=lambda model: model.init_weights(seed, on_device=True))

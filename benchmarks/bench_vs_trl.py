@@ -601,9 +601,9 @@ def fasttrain_work(spec: BenchSpec, plans, live_reference: bool) -> WorkCount:
 def warm_up_forward(model, data, spec: BenchSpec, device) -> None:
     """One untimed no-grad pass over the precompute's first micro-batch (CUDA context, cuBLAS handles, Triton
     compilation of the LM head), as TRL gets one: the timed precompute is then the steady pass."""
-    from fasttrain.building import groups_of
-    from fasttrain.reference import compute_pair_logps
-    from fasttrain.schedule import plan_inference
+    from fasttrain.assembly import groups_of
+    from fasttrain.reference_logps import compute_pair_logps
+    from fasttrain.plan import plan_inference
 
     first = plan_inference(groups_of(data), 1, spec.tokens_per_micro_batch)[0][:1]
     compute_pair_logps(model, first, len(data), device)
@@ -628,7 +628,7 @@ def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
 
     from fasttrain import distributed as fdist
     from fasttrain.attention import resolve_backend
-    from fasttrain.building import (
+    from fasttrain.assembly import (
         build_references,
         build_sharded_model,
         groups_of,
@@ -636,8 +636,8 @@ def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
     )
     from fasttrain.faults import Faults
     from fasttrain.flops import FlopModel
-    from fasttrain.reference import model_fingerprint
-    from fasttrain.schedule import plan_steps
+    from fasttrain.reference_logps import model_fingerprint
+    from fasttrain.plan import plan_steps
     from fasttrain.trainer import TrainLoop, build_optimizer
 
     reference = "precompute" if name in PRECOMPUTE else "live"
@@ -1104,7 +1104,7 @@ def count_steps(shape: RunShape, available: int) -> int:
 
 
 def check_vocab(model_dir: str, tokenizer) -> None:
-    from fasttrain.building import check_model_source
+    from fasttrain.assembly import check_model_source
 
     vocab = check_model_source(model_dir).vocab_size
     if len(tokenizer) > vocab:
@@ -1156,8 +1156,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.spec, args.result)
-    from fasttrain.config import ConfigError
-    from fasttrain.data.errors import DataError
+    from fasttrain.errors import ConfigError
+    from fasttrain.errors import DataError
     from fasttrain.errors import UserError
 
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_vs_trl-"))

@@ -591,9 +591,7 @@ def layer_memory(run: LayerRun, recompute: bool, cfg: ModelConfig) -> tuple[floa
 
 def lm_head_fn(impl: str):
     """The decoder's own LM-head functions (so every implementation it has is measurable)."""
-    from fasttrain.model import decoder
-
-    table = decoder.LM_HEAD_FUNCTIONS
+    from fasttrain_kernels import LM_HEAD_FUNCTIONS as table
     if impl not in table:
         raise ValueError(f"--lm-head {impl!r}: expected one of {sorted(table)}")
     return table[impl]
@@ -799,7 +797,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=_pair, default=None, help="synthetic prompt lengths LO,HI (default 96,512)")
     ap.add_argument("--step-len", type=_pair, default=None, help="synthetic step lengths LO,HI (default 16,128)")
     ap.add_argument("--lm-head", default="torch", help="LM-head implementation: torch, triton (or any other the "
-                    "decoder lists in LM_HEAD_FUNCTIONS)")
+                    "kernels package lists in LM_HEAD_IMPLS)")
     ap.add_argument("--compile", action="store_true", help="run the decoder layers with their torch.compile'd "
                     "regions (DecoderLayer(..., compiled=True), where the decoder has them); every token count "
                     "compiles again, so keep --warmup >= 3")

@@ -13,11 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttrain.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config file, key or value is wrong; the message names the key and the file."""
+from fasttrain.errors import ConfigError
 
 
 @dataclass
@@ -25,7 +21,7 @@ class ModelSection:
     path: str = ""  # HF model directory (config.json + safetensors + tokenizer files)
     tokenizer: str = ""  # defaults to model.path
     attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | reference
-    lm_head_impl: str = "auto"  # auto (chunked on CUDA, torch on CPU) | torch | triton | chunked (fasttrain/lm_head.py)
+    lm_head_impl: str = "auto"  # auto (chunked on CUDA, torch on CPU) | torch | triton | chunked (fasttrain_kernels)
     activation_checkpointing: bool = True
     # bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on a CPU, where bf16 matmuls are slow and gain nothing);
     # master weights + AdamW state are always fp32

@@ -2,13 +2,27 @@
 
 Every entry point (``fasttrain/run.py``, ``python -m fasttrain.eval``, ``python -m fasttrain.datagen``) ends
 a run that raised one of these with one line on stderr and exit code 2, never a traceback
-(``fasttrain/cli.py``). ``ConfigError`` (fasttrain.config) and ``DataError`` (fasttrain.data.errors) are
-subclasses, so catching ``UserError`` catches all three.
+(``fasttrain/cli.py``, DESIGN §8.1). Every user-facing error type lives here; all are UserErrors.
 """
 
 
 class UserError(Exception):
     """Something the user gave is wrong; the message names the file/row/key and what was expected."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file, key or value is wrong; the message names the key and the file."""
+
+
+class DataError(UserError, ValueError):
+    """A data file or record cannot be used; the message names file, row and field.
+
+    Also a ValueError, so callers that already catch ValueError keep working.
+    """
+
+
+class TrainingStopped(UserError):
+    """Too many consecutive non-finite steps: the run stops with a message (exit code 2)."""
 
 
 class PeerFailed(UserError):

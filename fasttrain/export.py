@@ -59,7 +59,8 @@ def measure_update_error(model: torch.nn.Module, initial_dir: str) -> tuple[floa
     """
     from safetensors import safe_open
 
-    from fasttrain.model.checkpoint import checkpoint_tensor_files, local_shard
+    from fasttrain.model.hf_checkpoint import checkpoint_tensor_files
+    from fasttrain.model.shards import local_shard
 
     fdist.reshard_all(model)  # weights are read from the sharded DTensors, never a gathered copy
     files = checkpoint_tensor_files(initial_dir)
@@ -116,7 +117,7 @@ def export_hf(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool) -
     checkpoint there (atomically). ``replace``: an existing ``out`` was written by this run and is replaced."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from fasttrain.model.checkpoint import save_hf_checkpoint
+    from fasttrain.model.hf_checkpoint import save_hf_checkpoint
 
     update_norm, errors, source_dtype = measure_update_error(model, cfg.model.path)
     dtype, reason = choose_export_dtype(cfg.train.save_dtype, errors, source_dtype)
@@ -142,7 +143,7 @@ def weights_as_exported(model: torch.nn.Module, dtype_name: str) -> Iterator[Non
     if dtype_name == "float32":
         yield
         return
-    from fasttrain.model.checkpoint import local_shard
+    from fasttrain.model.shards import local_shard
 
     fdist.reshard_all(model)
     dtype = getattr(torch, dtype_name)

@@ -1,7 +1,7 @@
 """The hand-rolled Step-DPO training loop on FSDP2.
 
 One optimizer step = ``train.global_batch_pairs`` pairs spread over ranks and token-budgeted
-micro-batches (schedule.py). Each micro-batch's loss is ``sum(pair losses) * world / B``: FSDP
+micro-batches (plan.py). Each micro-batch's loss is ``sum(pair losses) * world / B``: FSDP
 averages gradients over ranks, so the update equals one process averaging over the same B pairs.
 The step has no host synchronisation per micro-batch: metric sums stay on the device and are
 all-reduced once per step.
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fasttrain_kernels import resolve_lm_head
 
-from fasttrain import checkpointing
+from fasttrain import resume_checkpoint
 from fasttrain import distributed as fdist
 from fasttrain.attention import resolve_backend
-from fasttrain.building import (
+from fasttrain.assembly import (
     build_references,
     check_model_source,
     build_sharded_model,
@@ -33,11 +34,10 @@ from fasttrain.building import (
     tokenized_fingerprint,
 )
 from fasttrain.config import RunConfig
-from fasttrain.errors import UserError
+from fasttrain.errors import TrainingStopped, UserError
 from fasttrain.export import export_hf, weights_as_exported
 from fasttrain.faults import Faults
 from fasttrain.flops import FlopModel, peak_bf16_tflops
-from fasttrain.lm_head import resolve_lm_head
 from fasttrain.loss import (
     MetricSums,
     PairLogps,
@@ -47,15 +47,11 @@ from fasttrain.loss import (
     pair_logps,
 )
 from fasttrain.packing import pack_groups, to_device
-from fasttrain.reference import model_fingerprint
+from fasttrain.reference_logps import model_fingerprint
 from fasttrain.reporting import MetricsLogger, ProgressBar, TrainingPeakMemory, plot_curves, setup_logging
-from fasttrain.schedule import plan_inference, plan_steps
+from fasttrain.plan import plan_inference, plan_steps
 
 log = logging.getLogger("fasttrain")
-
-
-class TrainingStopped(UserError):
-    """Too many consecutive non-finite steps: the run stops with a message (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +189,7 @@ def train(cfg: RunConfig) -> dict:
     log.info("%d pairs in %d prompt groups (%d with >2 continuations); %d optimizer steps of %d pairs",
              len(train_data), len(train_groups), n_shared, len(plans), cfg.train.global_batch_pairs)
     model_fp = model_fingerprint(cfg.model.path)
-    info = checkpointing.run_info(cfg.to_dict(), model_fp, tokenized_fingerprint(train_data), world)
+    info = resume_checkpoint.run_info(cfg.to_dict(), model_fp, tokenized_fingerprint(train_data), world)
     finished = finished_run(cfg, info, dist_info)
     if finished is not None:
         log.info("%s: this run finished (summary.json, %d steps); nothing to do. To train further, start a new "
@@ -218,7 +214,7 @@ def train(cfg: RunConfig) -> dict:
 
     state = {"step": 0, "consecutive_skips": 0, "skipped_steps": [], "before": None}
     if resume_from is not None:
-        state = checkpointing.load(resume_from, model, optimizer, info, dist_info)
+        state = resume_checkpoint.load(resume_from, model, optimizer, info, dist_info)
         scheduler.load_state_dict(state["scheduler"])
         log.info("resumed from %s at step %d/%d", resume_from, state["step"], total_steps)
 
@@ -251,7 +247,7 @@ def train(cfg: RunConfig) -> dict:
     def checkpoint(step: int) -> None:
         state.update(step=step, scheduler=scheduler.state_dict(), consecutive_skips=loop.consecutive_skips,
                      skipped_steps=loop.skipped_steps)
-        checkpointing.save(ckpt_root, step, model, optimizer, state, info, cfg.train.keep_checkpoints, dist_info)
+        resume_checkpoint.save(ckpt_root, step, model, optimizer, state, info, cfg.train.keep_checkpoints, dist_info)
 
     loop.consecutive_skips, loop.skipped_steps = state["consecutive_skips"], list(state["skipped_steps"])
     # An export that exists already was written by this run (the output directory was empty, or replaced, when it
@@ -299,7 +295,7 @@ def finished_run(cfg: RunConfig, info: dict, dist_info: fdist.DistInfo) -> dict 
     summary = fdist.broadcast_object(summary)
     if summary is not None and "run_info" in summary:
         with fdist.all_ranks_agree():
-            checkpointing.check_compatible(summary["run_info"], info, path)
+            resume_checkpoint.check_compatible(summary["run_info"], info, path)
     return summary
 
 
@@ -313,7 +309,7 @@ def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     if cfg.train.resume == "":
         return None
     if cfg.train.resume == "auto":
-        latest = checkpointing.find_latest(ckpt_root)
+        latest = resume_checkpoint.find_latest(ckpt_root)
         if latest is None:
             log.info("train.resume=auto: no complete checkpoint in %s; starting from the beginning", ckpt_root)
         return latest

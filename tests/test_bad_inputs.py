@@ -2,7 +2,7 @@
 files, damaged model directories, odd tokenizers, wrong config values and the CLI end to end.
 
 The standard: a DataError / ConfigError / UserError (or, below fasttrain's entry point, a ValueError /
-OSError / KeyError that building.py turns into a UserError) whose message names the file and the
+OSError / KeyError that assembly.py turns into a UserError) whose message names the file and the
 row / key / field; never an exception from deep inside torch, transformers, pyarrow or safetensors, and
 never silently wrong data.
 """
@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from fasttrain.config import ConfigError, RunConfig, load_config  # noqa: E402
+from fasttrain.config import RunConfig, load_config  # noqa: E402
+from fasttrain.errors import ConfigError  # noqa: E402
 from fasttrain.data import DataError, load_records, tokenize_records  # noqa: E402
 from fasttrain.errors import UserError  # noqa: E402
 
@@ -349,10 +350,10 @@ def _edit_config(model_dir: Path, **changes) -> Path:
 
 
 def _load_everything(model_dir: Path):
-    """What building.build_sharded_model does, minus FSDP: config, source check, weights."""
+    """What assembly.build_sharded_model does, minus FSDP: config, source check, weights."""
     import torch
 
-    from fasttrain.model.checkpoint import load_hf_weights, resolve_model_source
+    from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
 
@@ -470,7 +471,7 @@ def test_damaged_model_directory_names_the_file(tmp_path, case):
     culprit = _break_model(model_dir, case)
     with pytest.raises(Exception) as info:
         _load_everything(model_dir)
-    # building.build_sharded_model turns exactly these types into a one-line UserError.
+    # assembly.build_sharded_model turns exactly these types into a one-line UserError.
     assert isinstance(info.value, (OSError, ValueError, KeyError, UserError)), repr(info.value)
     assert type(info.value).__module__ in ("builtins", "fasttrain.errors"), repr(info.value)  # not a parser's own
     message = str(info.value)
@@ -753,7 +754,7 @@ def test_cli_tokenizer_json_missing(tmp_path):
 
 
 def test_tokenizer_load_error_is_one_line(tmp_path):
-    from fasttrain.building import load_tokenizer
+    from fasttrain.assembly import load_tokenizer
 
     with pytest.raises(UserError) as info:
         load_tokenizer(str(tmp_path))

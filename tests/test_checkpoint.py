@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from fasttrain.model.checkpoint import load_hf_weights, resolve_model_source, save_hf_checkpoint  # noqa: E402
+from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source, save_hf_checkpoint  # noqa: E402
 from fasttrain.model.config import ModelConfig  # noqa: E402
 from fasttrain.model.decoder import build_model  # noqa: E402
 from fasttrain.packing import AttentionMeta, pack_unshared  # noqa: E402
@@ -293,7 +293,7 @@ def test_demo_model_loads_and_matches_transformers(tmp_path):
 
     demo = Path(fasttrain.__file__).parent / "demo" / "model"
     if not (demo / "model.safetensors").is_file():
-        pytest.skip("demo model not generated (python -m fasttrain.demo.make_demo_model)")
+        pytest.skip("demo model not generated (python tools/demo/make_demo_model.py)")
     cfg = ModelConfig.from_model_dir(demo)
     assert cfg.model_type == "qwen2" and cfg.tie_word_embeddings and cfg.vocab_size % 64 == 0
     ours = load_ours(demo)

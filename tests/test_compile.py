@@ -135,7 +135,7 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
         models = {}
         for compiled in (False, True):
             m = build_model(ModelConfig.from_hf_dict(QWEN2_TINY), device="meta")
-            m.compile_blocks = compiled  # before fully_shard, as building.py does
+            m.compile_blocks = compiled  # before fully_shard, as assembly.py does
             m.activation_checkpointing = True
             shard_model(m, torch.bfloat16)
             m.to_empty(device="cpu")

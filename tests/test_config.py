@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from fasttrain.config import ConfigError, load_config
+from fasttrain.config import load_config
+from fasttrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fasttrain.data.errors import DataError
+from fasttrain.errors import DataError
 from fasttrain.errors import UserError
 from fasttrain.eval.__main__ import main as eval_main
 from fasttrain.eval.evaluate import DEFAULT_PREFILL, evaluate, load_problems

@@ -13,7 +13,7 @@ from cli_runner import DEMO, run_fasttrain
 from safetensors.torch import load_file
 
 from fasttrain.export import MAX_UPDATE_ERROR, choose_export_dtype, measure_update_error, weights_as_exported
-from fasttrain.model.checkpoint import load_hf_weights
+from fasttrain.model.hf_checkpoint import load_hf_weights
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
 

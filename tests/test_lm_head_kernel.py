@@ -7,7 +7,7 @@ it decorates the kernels),
 in float32 and float16 only: the interpreter's tl.dot on bfloat16 is broken. Shapes are tiny because the
 interpreter is slow. With CUDA the same small tests run compiled on the GPU, plus the `gpu` bf16 test.
 
-Tolerance rule (as DESIGN §7 for the model): the plain reference (fasttrain_kernels.reference) in the same dtype
+Tolerance rule (as DESIGN §7 for the model): the plain reference (fasttrain_kernels.lm_head_torch) in the same dtype
 is compared with the same reference in float64; the kernel's error must be within 4x the reference's own error
 plus a tiny floor (a few ulps of the compared values' scale).
 """
@@ -31,7 +31,7 @@ from fasttrain_kernels.ops import (  # noqa: E402
     lm_head_logprobs_op,
     lm_head_logprobs_triton,
 )
-from fasttrain_kernels.reference import lm_head_logprobs  # noqa: E402
+from fasttrain_kernels.lm_head_torch import lm_head_logprobs_torch as lm_head_logprobs  # noqa: E402
 from triton_interpreter import interpreter_problem  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -241,7 +241,7 @@ def test_empty_rows(impl):
 
 
 def test_decoder_dispatch():
-    from fasttrain.model.decoder import LM_HEAD_IMPLS
+    from fasttrain_kernels import LM_HEAD_IMPLS
 
     assert {"triton", "chunked"} <= set(LM_HEAD_IMPLS)
 

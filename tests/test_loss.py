@@ -40,7 +40,7 @@ def tiny_hf_model(seed: int, vocab: int = 97):
 
 
 def to_fasttrain(hf_model, tmp_path, name):
-    from fasttrain.model.checkpoint import load_hf_weights
+    from fasttrain.model.hf_checkpoint import load_hf_weights
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
 

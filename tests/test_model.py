@@ -19,7 +19,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fasttrain.model.checkpoint import load_hf_weights  # noqa: E402
+from fasttrain.model.hf_checkpoint import load_hf_weights  # noqa: E402
 from fasttrain.model.config import ModelConfig, num_params  # noqa: E402
 from fasttrain.model.decoder import build_model  # noqa: E402
 from fasttrain.model.rope import inv_freq  # noqa: E402
@@ -305,7 +305,7 @@ def test_on_device_init_of_a_bf16_copy_is_the_fp32_init_rounded():
 
 
 def test_the_model_registers_no_buffers():
-    """building.py materialises an offloaded model on the CPU and relies on this: a registered buffer would be
+    """assembly.py materialises an offloaded model on the CPU and relies on this: a registered buffer would be
     left in host memory while the forward runs on the GPU (RoPE tables are cached per device instead)."""
     for case in CASES.values():
         model = build_model(ModelConfig.from_hf_dict({**BASE, **case}), device="meta", dtype=torch.float32)

@@ -16,7 +16,7 @@ from fasttrain.packing import (
     pack_unshared,
     split_group,
 )
-from fasttrain.schedule import plan_steps
+from fasttrain.plan import plan_steps
 
 
 def random_groups(rng: np.random.Generator, n_groups: int, vocab: int = 50, max_conts: int = 4) -> list[PromptGroup]:

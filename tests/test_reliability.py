@@ -12,7 +12,7 @@ import torch
 from cli_runner import DEMO, run_fasttrain
 from safetensors.torch import load_file
 
-from fasttrain import checkpointing
+from fasttrain import resume_checkpoint
 
 
 def launch(args, nproc=1, env_extra=None, max_restarts=0, timeout=600):
@@ -82,9 +82,9 @@ def test_find_latest_ignores_incomplete(tmp_path, caplog):
     (root / "step-00000006.tmp").mkdir()
     (root / "step-00000005").mkdir()
     with caplog.at_level(logging.WARNING, logger="fasttrain"):
-        assert checkpointing.find_latest(root) == root / "step-00000004"
+        assert resume_checkpoint.find_latest(root) == root / "step-00000004"
     assert "step-00000006.tmp" in caplog.text and "step-00000005" in caplog.text
-    assert checkpointing.find_latest(tmp_path / "nothing") is None
+    assert resume_checkpoint.find_latest(tmp_path / "nothing") is None
 
 
 def test_resume_refuses_changed_geometry_and_data(tmp_path):

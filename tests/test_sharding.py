@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasttrain.building import check_memory_plan
+from fasttrain.assembly import check_memory_plan
 from fasttrain.config import RunConfig
 from fasttrain.distributed import DistInfo
 from fasttrain.errors import UserError
@@ -93,7 +93,7 @@ def test_frozen_model_reshards_after_forward_and_batches_keep_their_host_cu_seql
 def _cache_worker(rank: int, world: int, port: int, root: str) -> None:
     import torch.distributed as dist
 
-    from fasttrain.reference import load_or_compute_table
+    from fasttrain.reference_logps import load_or_compute_table
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -53,9 +53,9 @@ def test_two_ranks_equal_one_process_and_first_loss_is_ln2(tmp_path, pairs_per_s
 
     # Uneven micro-batches: with 10 pairs every rank runs 2 micro-batches of different token counts;
     # with 1 pair per step rank 1 runs only the dummy micro-batch.
-    from fasttrain.building import groups_of, load_tokenizer
+    from fasttrain.assembly import groups_of, load_tokenizer
     from fasttrain.data import prepare_dataset
-    from fasttrain.schedule import plan_steps
+    from fasttrain.plan import plan_steps
 
     tok = load_tokenizer(str(DEMO / "model"))
     pairs = prepare_dataset(str(data), tok, "qwen2-boxed", 512, 384)

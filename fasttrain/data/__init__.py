@@ -1,5 +1,5 @@
 """The data layer: load and validate Step-DPO records, render prompts, tokenize with truncation."""
-from fasttrain.data.errors import DataError
+from fasttrain.errors import DataError
 from fasttrain.data.records import MODES, RecordSet, StepRecord, load_records, records_from_rows
 from fasttrain.data.templates import TEMPLATES, render_prompt
 from fasttrain.data.tokenize import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttrain.data.errors import DataError
+from fasttrain.errors import DataError
 
 MODES = ("step", "full")
 

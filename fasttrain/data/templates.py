@@ -2,7 +2,7 @@
 chat template. The result always ends with ``initial_reason_steps`` so the step continues it."""
 from __future__ import annotations
 
-from fasttrain.data.errors import DataError
+from fasttrain.errors import DataError
 
 TEMPLATES = ("qwen2-boxed", "alpaca", "deepseek-math", "chat")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fasttrain.data.errors import DataError
+from fasttrain.errors import DataError
 from fasttrain.errors import UserError
 from fasttrain.data.records import RecordSet, StepRecord, load_records
 from fasttrain.data.templates import render_prompt

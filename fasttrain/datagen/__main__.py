@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
 
 def _datagen(args) -> int:
-    from fasttrain.data.errors import DataError
+    from fasttrain.errors import DataError
     from fasttrain.errors import UserError
     from fasttrain.datagen.judge import OpenAICompatibleJudge
     from fasttrain.datagen.pipeline import DatagenConfig, run_datagen

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttrain.data.errors import DataError
+from fasttrain.errors import DataError
 from fasttrain.data.templates import render_prompt
 from fasttrain.eval.answers import extract_answer, is_equiv
 

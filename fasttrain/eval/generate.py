@@ -300,7 +300,7 @@ def make_generator(model_dir: str, backend: str = "auto", batch_size: int = 32, 
 def check_model_dir(model_dir: str) -> None:
     """The model directory exists, has a config.json, and its safetensors files (if any) are readable: a missing
     or truncated file is named here, before any output directory is created."""
-    from fasttrain.model.checkpoint import INDEX_FILE, SINGLE_FILE, check_model_files
+    from fasttrain.model.hf_checkpoint import INDEX_FILE, SINGLE_FILE, check_model_files
 
     d = Path(model_dir)
     if not (d / "config.json").is_file():

@@ -21,13 +21,10 @@ from torch.utils.checkpoint import checkpoint
 from fasttrain.attention import BACKENDS, varlen_attention
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.rope import apply_rope, inv_freq, rope_cos_sin
+from fasttrain.model.shards import check_writable_sharding, local_shard
 from fasttrain.packing import AttentionMeta, PackedBatch
-from fasttrain_kernels.ops import lm_head_logprobs_chunked, lm_head_logprobs_triton
-from fasttrain_kernels.reference import lm_head_logprobs
+from fasttrain_kernels import lm_head_logprobs
 
-# resolved names (fasttrain.lm_head.resolve_lm_head turns "auto" into one of these)
-LM_HEAD_FUNCTIONS = {"torch": lm_head_logprobs, "triton": lm_head_logprobs_triton, "chunked": lm_head_logprobs_chunked}
-LM_HEAD_IMPLS = tuple(LM_HEAD_FUNCTIONS)
 
 
 class RMSNorm(nn.Module):
@@ -232,10 +229,7 @@ class CausalLM(nn.Module):
         inside the module's forward, so FSDP's hooks have gathered its (maybe tied) weight."""
         h_TD = self.hidden_states(batch.input_ids_T, batch.position_ids_T, batch.attn)
         h_RD = h_TD.index_select(0, batch.lp_rows_N)
-        head = LM_HEAD_FUNCTIONS.get(self.lm_head_impl)
-        if head is None:
-            raise ValueError(f"lm_head_impl {self.lm_head_impl!r}: expected one of {LM_HEAD_IMPLS}")
-        return head(h_RD, self.lm_head.weight, batch.lp_targets_N)
+        return lm_head_logprobs(h_RD, self.lm_head.weight, batch.lp_targets_N, impl=self.lm_head_impl)
 
     def logits(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, attn: AttentionMeta) -> torch.Tensor:
         """logits_TV for every row (parity tests; training never materialises these)."""
@@ -253,9 +247,6 @@ class CausalLM(nn.Module):
         ``on_device``: draw each rank's local rows directly on the parameter's device instead (seconds
         instead of minutes at 8B, for benchmarks); reproducible for one seed, world size and device only.
         """
-        # checkpoint.py imports this module lazily only, so no import cycle at load time.
-        from fasttrain.model.checkpoint import check_writable_sharding, local_shard
-
         check_writable_sharding(self)
         if generator is None:
             device = next(self.parameters()).device if on_device else torch.device("cpu")

@@ -9,7 +9,7 @@ with fake impls and autograd):
   with fused Triton epilogues (``lm_head_chunked``).
 
 ``lm_head_logprobs_triton`` / ``lm_head_logprobs_chunked`` are the friendly entry points returning ``logp_N``
-(fp32), drop-ins for ``fasttrain_kernels.reference.lm_head_logprobs``.
+(fp32), drop-ins for ``fasttrain_kernels.lm_head_torch.lm_head_logprobs_torch``.
 
 Triton is imported lazily (first call), so importing this module never decorates the kernels: on CPU they run
 only under the Triton interpreter, and ``TRITON_INTERPRET=1`` must be set before the kernels module is first
@@ -129,7 +129,7 @@ lm_head_logprobs_chunked_op, lm_head_logprobs_chunked_backward_op = _register("l
 def lm_head_logprobs_triton(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     """logp_N (fp32) = log_softmax(h_ND @ w_VD.T)[n, targets_N[n]] without materialising [N, V].
 
-    Same contract as ``fasttrain_kernels.reference.lm_head_logprobs``. Differentiable in h and w."""
+    Same contract as ``fasttrain_kernels.lm_head_torch.lm_head_logprobs_torch``. Differentiable in h and w."""
     _check(h_ND, w_VD, targets_N)
     return lm_head_logprobs_op(h_ND, w_VD, targets_N)[0]
 

@@ -22,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fasttrain.model.config import ARCHITECTURES, ModelConfig
+from fasttrain.model.decoder import CausalLM
+from fasttrain.model.shards import check_writable_sharding, local_shard
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -105,58 +107,6 @@ def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
         return {name: d / shard for name, shard in _read_index(d / INDEX_FILE).items()}
     with _open_safetensors(d / SINGLE_FILE) as f:
         return {name: d / SINGLE_FILE for name in f.keys()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Sharded parameters
-# ----------------------------------------------------------------------------------------------
-def local_shard(param: torch.Tensor, name: str) -> tuple[torch.Tensor, int, int]:
-    """(local tensor to write in place, start, end): the rows [start, end) of dim 0 of the full
-    tensor that this rank holds. A plain tensor holds all rows.
-
-    FSDP2 (``fully_shard``) shards dim 0 like ``torch.chunk``: chunk = ceil(rows / world), rank r holds
-    [r*chunk, min((r+1)*chunk, rows)), possibly nothing. Nested Shard(0) over several mesh dims
-    (and Replicate, as in HSDP) compose left to right.
-    """
-    from torch.distributed.tensor import DTensor  # torch.distributed is optional at import time
-
-    if not isinstance(param, DTensor):
-        return param, 0, (param.shape[0] if param.dim() else 1)
-    start, end = 0, param.shape[0]
-    for mesh_dim, placement in enumerate(param.placements):
-        if placement.is_replicate():
-            continue
-        if not (placement.is_shard() and placement.dim == 0):
-            raise ValueError(f"parameter {name!r}: placement {placement} is not supported (only Shard(0)/Replicate)")
-        world = param.device_mesh.size(mesh_dim)
-        rank = param.device_mesh.get_local_rank(mesh_dim)
-        chunk = math.ceil((end - start) / world)
-        start, end = min(start + rank * chunk, end), min(start + (rank + 1) * chunk, end)
-    local = param.to_local()
-    expected = (end - start, *param.shape[1:])
-    if tuple(local.shape) != expected:
-        raise RuntimeError(
-            f"parameter {name!r}: local shard has shape {tuple(local.shape)}, expected {expected} for rows "
-            f"[{start}, {end}) of {tuple(param.shape)}; the sharding is not the torch.chunk layout assumed here"
-        )
-    return local, start, end
-
-
-def check_writable_sharding(model: torch.nn.Module) -> None:
-    """Refuse to write weights into an FSDP2 module whose parameters are currently unsharded (e.g. the
-    root after a forward): those are all-gathered copies that the next reshard() would discard."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed has no FSDP modules either
-        return
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-        if plain:
-            raise RuntimeError(
-                f"parameter {plain[0]!r} of an FSDP2 model is unsharded right now; call model.reshard() "
-                "before loading or initialising weights"
-            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,8 +234,6 @@ def save_hf_checkpoint(
 
 def _checked_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
-
-    from fasttrain.model.decoder import CausalLM
 
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in CausalLM(cfg).named_parameters()}

@@ -1,6 +1,6 @@
 """Write the demo model's config.json and model.safetensors (bf16): briefly pretrained by default.
 
-    python -m fasttrain.demo.make_demo_model [--out fasttrain/demo/model] [--random-init]
+    python tools/demo/make_demo_model.py [--out fasttrain/demo/model] [--random-init]
 
 A tiny Qwen2-shaped decoder (4 layers, hidden 128, GQA 4/2 heads, tied embeddings) sized to the demo
 byte-level BPE tokenizer in the same folder. Only config.json and model.safetensors are replaced; the
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fasttrain.model.checkpoint import save_hf_checkpoint
+from fasttrain.model.hf_checkpoint import save_hf_checkpoint
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
 
-DEMO_DIR = Path(__file__).resolve().parent / "model"
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "fasttrain" / "demo" / "model"
+DATA_DIR = Path(__file__).resolve().parents[2] / "fasttrain" / "demo" / "data"
 DEFAULT_GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k_test.jsonl"
 DEFAULT_VOCAB = 1024
 TEMPLATE = "qwen2-boxed"

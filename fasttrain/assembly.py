@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fasttrain_kernels import resolve_lm_head
 
 from fasttrain import distributed as fdist
 from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
-from fasttrain.lm_head import resolve_lm_head
 from fasttrain.packing import PromptGroup, build_groups
-from fasttrain.reference import (
+from fasttrain.reference_logps import (
     LiveReference,
     PrecomputedReference,
     compute_pair_logps,
     load_or_compute_table,
 )
-from fasttrain.schedule import plan_inference
+from fasttrain.plan import plan_inference
 
 log = logging.getLogger("fasttrain")
 
@@ -108,7 +108,7 @@ def groups_of(data, num_pairs: int | None = None) -> list[PromptGroup]:
 
 def check_model_source(path: str):
     """The model directory's config, read and checked (files present and readable, supported architecture)."""
-    from fasttrain.model.checkpoint import check_model_files
+    from fasttrain.model.hf_checkpoint import check_model_files
     from fasttrain.model.config import ModelConfig
 
     try:
@@ -126,7 +126,7 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     Trainable: fp32 master weights (the optimizer's), gathered in the compute dtype. Frozen (a live
     reference): stored in the compute dtype, which is what FSDP would gather anyway, at half the memory.
     """
-    from fasttrain.model.checkpoint import load_hf_weights
+    from fasttrain.model.hf_checkpoint import load_hf_weights
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
 

@@ -5,7 +5,7 @@ Qwen2-like on purpose, so the demo exercises the same code paths as the real mod
 ``<|endoftext|>`` as pad/eos, ``<|im_start|>``/``<|im_end|>`` chat markers, no BOS, and numbers split
 into single digits (a tiny model can learn digit-wise arithmetic; whole-number tokens it cannot).
 
-    python fasttrain/demo/make_demo_tokenizer.py [--gsm8k ../shared/data/gsm8k_test.jsonl]
+    python tools/demo/make_demo_tokenizer.py [--gsm8k ../shared/data/gsm8k_test.jsonl]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
-DEFAULT_OUT = Path(__file__).resolve().parent / "model"
+DEFAULT_OUT = REPO_ROOT / "fasttrain" / "demo" / "model"
 
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -13,7 +13,7 @@ GSM8K solutions have one reasoning step a line, with calculator annotations such
 
 Train and eval are split by problem. Deterministic (fixed seed).
 
-    python fasttrain/demo/make_demo_data.py [--gsm8k ../shared/data/gsm8k_test.jsonl]
+    python tools/demo/make_demo_data.py [--gsm8k ../shared/data/gsm8k_test.jsonl]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
-DEFAULT_OUT = Path(__file__).resolve().parent / "data"
+DEFAULT_OUT = REPO_ROOT / "fasttrain" / "demo" / "data"
 
 SEED = 20240
 TRAIN_PROBLEMS = 1000
