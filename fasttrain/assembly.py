@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -13,19 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fasttrain_kernels import resolve_lm_head
 
 from fasttrain import distributed as fdist
+from fasttrain import resume_checkpoint
 from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
+from fasttrain.flops import FlopModel
 from fasttrain.packing import PromptGroup, build_groups
+from fasttrain.plan import plan_inference, plan_steps
 from fasttrain.reference_logps import (
     LiveReference,
     PrecomputedReference,
     compute_pair_logps,
     load_or_compute_table,
+    model_fingerprint,
 )
-from fasttrain.plan import plan_inference
+from fasttrain_kernels import resolve_lm_head
 
 log = logging.getLogger("fasttrain")
 
@@ -108,8 +112,8 @@ def groups_of(data, num_pairs: int | None = None) -> list[PromptGroup]:
 
 def check_model_source(path: str):
     """The model directory's config, read and checked (files present and readable, supported architecture)."""
-    from fasttrain.model.hf_checkpoint import check_model_files
     from fasttrain.model.config import ModelConfig
+    from fasttrain.model.hf_checkpoint import check_model_files
 
     try:
         check_model_files(path)
@@ -126,9 +130,9 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     Trainable: fp32 master weights (the optimizer's), gathered in the compute dtype. Frozen (a live
     reference): stored in the compute dtype, which is what FSDP would gather anyway, at half the memory.
     """
-    from fasttrain.model.hf_checkpoint import load_hf_weights
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
+    from fasttrain.model.hf_checkpoint import load_hf_weights
 
     with fdist.all_ranks_agree():  # the same files and card on every rank, but a rank may still fail alone
         if model_cfg is None:
@@ -221,32 +225,42 @@ class References:
     all_cached: bool = True  # precompute: every table came from the on-disk cache
 
 
-def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, policy, train_data, eval_data,
-                     eval_sets: dict[str, list[PromptGroup]], model_fp: str) -> References:
-    """Live: a frozen sharded copy. Precompute: one pass of the (still initial) policy over the train
-    and eval sets, cached on disk under a key of model files, tokens, compute dtype and LM head."""
+@dataclass
+class ReferenceSet:
+    """Pairs whose reference log-probs a run needs: ``cache_tokens`` (the tokenized data's fingerprint) keys the
+    on-disk cache; None (synthetic data in benchmarks) computes the table without caching it."""
+
+    groups: list[PromptGroup]
+    num_pairs: int
+    cache_tokens: str | None = None
+
+
+def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, policy,
+                     sets: dict[str, ReferenceSet], model_fp: str) -> References:
+    """Live: a frozen sharded copy. Precompute: one pass of the (still initial) policy over each set ("train",
+    and "eval" when there is one), cached on disk under a key of model files, tokens, compute dtype and LM head."""
     if cfg.loss.reference == "live":
         live = LiveReference(build_sharded_model(cfg, dist_info, backend, trainable=False))
-        return References(live, {name: live for name in eval_sets})
+        return References(live, {"train_subset": live, **({"eval": live} if "eval" in sets else {})})
     world, budget = dist_info.world_size, cfg.train.tokens_per_micro_batch
     tables = {}
     all_cached = True
-    for name, data in (("train", train_data), ("eval", eval_data)):
-        if data is None:
-            continue
-        groups = groups_of(data)
-        key = {"model": model_fp, "tokens": tokenized_fingerprint(data), "dtype": cfg.model.compute_dtype,
-               "lm_head": policy.lm_head_impl}
-        if cfg.model.compile:  # fused kernels round differently; only set when on, so eager keys are unchanged
-            key["compile"] = True
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    for name, ref_set in sets.items():
+        def compute(ref_set=ref_set):
+            return compute_pair_logps(policy, plan_inference(ref_set.groups, world, budget)[dist_info.rank],
+                                      ref_set.num_pairs, dist_info.device)
+
         t0 = time.perf_counter()
-        table, cached = load_or_compute_table(
-            Path(cfg.data.cache_dir) / "reference" / f"{digest}.pt", key,
-            lambda: compute_pair_logps(policy, plan_inference(groups, world, budget)[dist_info.rank], len(data),
-                                       dist_info.device),
-            dist_info.is_main, dist_info.device,
-        )
+        if ref_set.cache_tokens is None:
+            table, cached = compute(), False
+        else:
+            key = {"model": model_fp, "tokens": ref_set.cache_tokens, "dtype": cfg.model.compute_dtype,
+                   "lm_head": policy.lm_head_impl}
+            if cfg.model.compile:  # fused kernels round differently; only set when on, so eager keys are unchanged
+                key["compile"] = True
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+            table, cached = load_or_compute_table(Path(cfg.data.cache_dir) / "reference" / f"{digest}.pt", key,
+                                                  compute, dist_info.is_main, dist_info.device)
         log.info("reference log-probs (%s): %s in %.1fs", name, "cache hit" if cached else "precomputed",
                  time.perf_counter() - t0)
         tables[name] = PrecomputedReference(table)
@@ -255,3 +269,176 @@ def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, po
     if "eval" in tables:
         by_eval["eval"] = tables["eval"]
     return References(tables["train"], by_eval, all_cached)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run: its checked inputs, then everything built from them
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RunInputs:
+    """What a run reads, checked on every rank; nothing built, nothing written. ``train_data`` is None for
+    synthetic groups (benchmarks)."""
+
+    backend: str  # attention backend
+    lm_head: str  # resolved LM-head implementation
+    train_groups: list[PromptGroup]
+    plans: list  # StepPlans, one per optimizer step
+    train_data: object = None  # TokenizedPairs
+    eval_data: object = None
+    info: dict | None = None  # config, versions, model/data fingerprints (resume checks, summary.json)
+    resume_from: Path | None = None
+    model_fp: str = ""
+
+
+@dataclass
+class Run:
+    """Everything a run trains with. Built by build_run; trainer.train and every benchmark use the same one."""
+
+    cfg: RunConfig
+    dist: fdist.DistInfo
+    inputs: RunInputs
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    flop_model: object
+    refs: References
+    eval_plans: dict  # evaluation set name -> per-rank micro-batches
+
+
+def check_inputs(cfg: RunConfig, dist_info: fdist.DistInfo) -> RunInputs:
+    """Check everything a run reads (output directory, backends, model files, tokenizer, data, the plan, the
+    checkpoint to resume from) on every rank, agreeing on any failure (DESIGN §8.2-8.3); writes nothing."""
+    device = dist_info.device
+    with fdist.all_ranks_agree():
+        if dist_info.is_main:
+            check_output_dir(cfg)
+        resume_from = resume_source(cfg)
+        backend, lm_head = resolve_backends(cfg, device)
+        model_cfg = check_model_source(cfg.model.path)  # fail fast, before tokenizing anything
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        if len(tokenizer) > model_cfg.vocab_size:
+            raise UserError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.path}) has {len(tokenizer)} tokens "
+                            f"but the model's vocab_size is {model_cfg.vocab_size}: they do not belong together")
+    log.info("world size %d on %s; attention backend %s; LM head %s; compute %s, fp32 master weights + AdamW state",
+             dist_info.world_size, device, backend, lm_head, cfg.model.compute_dtype)
+    train_data, eval_data = load_datasets(cfg, dist_info, tokenizer)
+    train_groups = groups_of(train_data)
+    with fdist.all_ranks_agree():
+        try:
+            plans = plan_steps(train_groups, cfg.train.global_batch_pairs, dist_info.world_size,
+                               cfg.train.tokens_per_micro_batch, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps)
+        except ValueError as e:
+            raise UserError(f"{cfg.data.train}: {e}") from None
+    warn_offload_accumulation(cfg, plans)
+    n_shared = sum(len(g.continuations) > 2 for g in train_groups)
+    log.info("%d pairs in %d prompt groups (%d with >2 continuations); %d optimizer steps of %d pairs",
+             len(train_data), len(train_groups), n_shared, len(plans), cfg.train.global_batch_pairs)
+    model_fp = model_fingerprint(cfg.model.path)
+    info = resume_checkpoint.run_info(cfg.to_dict(), model_fp, tokenized_fingerprint(train_data),
+                                      dist_info.world_size)
+    return RunInputs(backend, lm_head, train_groups, plans, train_data, eval_data, info, resume_from, model_fp)
+
+
+def synthetic_inputs(cfg: RunConfig, dist_info: fdist.DistInfo, groups: list[PromptGroup], num_steps: int
+                     ) -> RunInputs:
+    """RunInputs for ready-made prompt groups (benchmarks): no files read, ``num_steps`` optimizer steps."""
+    backend, lm_head = resolve_backends(cfg, dist_info.device)
+    plans = plan_steps(groups, cfg.train.global_batch_pairs, dist_info.world_size, cfg.train.tokens_per_micro_batch,
+                       cfg.train.seed, 0, num_steps)
+    return RunInputs(backend, lm_head, groups, plans)
+
+
+def build_run(cfg: RunConfig, dist_info: fdist.DistInfo, inputs: RunInputs, model_cfg=None,
+              init_weights: Callable[[torch.nn.Module], None] | None = None) -> Run:
+    """The sharded model (weights from ``cfg.model.path``, or ``model_cfg`` + ``init_weights`` for benchmarks'
+    random models), its AdamW and schedule, the references (from the initial weights) and the evaluation
+    plans. A checkpoint to resume from is loaded by the trainer afterwards (trainer.restore)."""
+    model = build_sharded_model(cfg, dist_info, inputs.backend, trainable=True, model_cfg=model_cfg,
+                                init_weights=init_weights)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(cfg, params, len(inputs.plans))
+    world, budget = dist_info.world_size, cfg.train.tokens_per_micro_batch
+    if inputs.train_data is not None:
+        eval_sets = {"train_subset": groups_of(inputs.train_data, 256)}  # the same pairs every time
+        ref_sets = {"train": ReferenceSet(inputs.train_groups, len(inputs.train_data),
+                                          tokenized_fingerprint(inputs.train_data))}
+        if inputs.eval_data is not None:
+            eval_sets["eval"] = groups_of(inputs.eval_data)
+            ref_sets["eval"] = ReferenceSet(eval_sets["eval"], len(inputs.eval_data),
+                                            tokenized_fingerprint(inputs.eval_data))
+    else:  # synthetic groups: the pairs are numbered 0..n-1 across the groups
+        n_pairs = sum(g.num_pairs for g in inputs.train_groups)
+        eval_sets = {}
+        ref_sets = {"train": ReferenceSet(inputs.train_groups, n_pairs)}
+    refs = build_references(cfg, dist_info, inputs.backend, model, ref_sets, inputs.model_fp)
+    if cfg.loss.reference == "precompute" and inputs.resume_from is not None and not refs.all_cached:
+        log.warning("the reference log-prob cache was missing on resume; it was recomputed from model.path")
+    eval_plans = {name: plan_inference(gs, world, budget) for name, gs in eval_sets.items()}
+    return Run(cfg, dist_info, inputs, model, optimizer, scheduler, params, FlopModel.of(model.config), refs,
+               eval_plans)
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], total_steps: int):
+    """(AdamW, LambdaLR with linear warmup + cosine decay) over the sharded fp32 master parameters."""
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+        weight_decay=cfg.train.weight_decay,
+        # Fused: one pass over each fp32 param / grad / moment (torchtitan's default with FSDP2). On CUDA, and
+        # on the host for CPU-offloaded state (torch's vectorised, multithreaded CPU kernel: the 72B recipe's
+        # optimizer step is memory-bound there). CPU-only runs keep the for-each path the equality tests pin.
+        fused=bool(params) and (params[0].device.type == "cuda" or cfg.model.cpu_offload),
+    )
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def resolve_backends(cfg: RunConfig, device: torch.device) -> tuple[str, str]:
+    """(attention backend, LM-head implementation) for this run, each resolved once (DESIGN §3.3, §4.2)."""
+    from fasttrain.attention import resolve_backend
+
+    if cfg.model.cpu_offload and device.type != "cuda":
+        raise UserError("model.cpu_offload=true moves the sharded training state from GPU memory to host "
+                        f"memory; this run is on {device.type}, where it already lives in host memory: set it "
+                        "to false")
+    try:
+        return (resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype)),
+                resolve_lm_head(cfg.model.lm_head_impl, device))
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+
+
+def resume_source(cfg: RunConfig) -> Path | None:
+    """The checkpoint train.resume names: ``auto`` = the newest complete one in output_dir, if any."""
+    if cfg.train.resume == "":
+        return None
+    if cfg.train.resume == "auto":
+        root = Path(cfg.train.output_dir) / "checkpoints"
+        latest = resume_checkpoint.find_latest(root)
+        if latest is None:
+            log.info("train.resume=auto: no complete checkpoint in %s; starting from the beginning", root)
+        return latest
+    return Path(cfg.train.resume)
+
+
+def warn_offload_accumulation(cfg: RunConfig, plans) -> None:
+    if not cfg.model.cpu_offload:
+        return
+    most = max(len(mbs) for plan in plans for mbs in plan.micro_batches)
+    if most > 1:
+        # FSDP2 copies a gradient to host memory asynchronously only when none is being accumulated:
+        # from a step's second micro-batch on, every block's copy blocks the host and adds on the CPU.
+        log.warning("model.cpu_offload with up to %d micro-batches per rank per step: from the second one on, "
+                    "each block's gradient copy to host memory blocks and is summed on the CPU. One "
+                    "micro-batch per step (train.tokens_per_micro_batch >= the tokens of "
+                    "global_batch_pairs / world size pairs, or more GPUs) keeps the copies asynchronous", most)

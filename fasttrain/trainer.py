@@ -13,31 +13,20 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from fasttrain_kernels import resolve_lm_head
 
-from fasttrain import resume_checkpoint
 from fasttrain import distributed as fdist
-from fasttrain.attention import resolve_backend
-from fasttrain.assembly import (
-    build_references,
-    check_model_source,
-    build_sharded_model,
-    check_output_dir,
-    create_output_dir,
-    groups_of,
-    load_datasets,
-    load_tokenizer,
-    tokenized_fingerprint,
-)
+from fasttrain import resume_checkpoint
+from fasttrain.assembly import Run, build_run, check_inputs, create_output_dir
 from fasttrain.config import RunConfig
 from fasttrain.errors import TrainingStopped, UserError
 from fasttrain.export import export_hf, weights_as_exported
 from fasttrain.faults import Faults
-from fasttrain.flops import FlopModel, peak_bf16_tflops
+from fasttrain.flops import peak_bf16_tflops
 from fasttrain.loss import (
     MetricSums,
     PairLogps,
@@ -47,9 +36,7 @@ from fasttrain.loss import (
     pair_logps,
 )
 from fasttrain.packing import pack_groups, to_device
-from fasttrain.reference_logps import model_fingerprint
 from fasttrain.reporting import MetricsLogger, ProgressBar, TrainingPeakMemory, plot_curves, setup_logging
-from fasttrain.plan import plan_inference, plan_steps
 
 log = logging.getLogger("fasttrain")
 
@@ -57,30 +44,6 @@ log = logging.getLogger("fasttrain")
 # ----------------------------------------------------------------------------------------------
 # One step
 # ----------------------------------------------------------------------------------------------
-def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], total_steps: int):
-    """(AdamW, LambdaLR with linear warmup + cosine decay) over the sharded fp32 master parameters."""
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
-        weight_decay=cfg.train.weight_decay,
-        # Fused: one pass over each fp32 param / grad / moment (torchtitan's default with FSDP2). On CUDA, and
-        # on the host for CPU-offloaded state (torch's vectorised, multithreaded CPU kernel: the 72B recipe's
-        # optimizer step is memory-bound there). CPU-only runs keep the for-each path the equality tests pin.
-        fused=bool(params) and (params[0].device.type == "cuda" or cfg.model.cpu_offload),
-    )
-    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio)
-    )
-    return optimizer, scheduler
-
-
 def run_micro_batch(model, reference, groups, device, cfg: RunConfig, world_size: int, flop_model, train: bool,
                     loss_scale: float | None = None):
     """Forward (+ backward when training) one micro-batch; returns its metric sums and work."""
@@ -129,155 +92,114 @@ def evaluate(model, reference, micro_batches, device, cfg, world_size, flop_mode
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) the training that ``cfg`` describes; returns the summary written to summary.json.
 
-    Every input is checked (config, output directory, model files, tokenizer, data, resume checkpoint)
-    before anything is written into ``train.output_dir``, and a failure on any rank stops every rank with one
-    message (fasttrain.distributed.agree, fasttrain/cli.py).
+    build -> loop -> finish. Every input is checked (config, output directory, model files, tokenizer, data,
+    resume checkpoint) before anything is written into ``train.output_dir``, and a failure on any rank stops every
+    rank with one message (DESIGN §8).
     """
     cfg.validate()
     dist_info = fdist.init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes,
                                        cpu_offload=cfg.model.cpu_offload)
     setup_logging(dist_info.is_main)
     torch.manual_seed(cfg.train.seed)
-    device, world = dist_info.device, dist_info.world_size
     if cfg.model.compute_dtype == "auto":  # resolved once, before anything (cache keys, resume checks) reads it
-        cfg.model.compute_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    out_dir = Path(cfg.train.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-
-    # ---- inputs: checked on every rank, nothing written yet
-    with fdist.all_ranks_agree():
-        if dist_info.is_main:
-            check_output_dir(cfg)
-        resume_from = _resume_source(cfg, ckpt_root)
-        if cfg.model.cpu_offload and device.type != "cuda":
-            raise UserError("model.cpu_offload=true moves the sharded training state from GPU memory to host "
-                            f"memory; this run is on {device.type}, where it already lives in host memory: set it "
-                            "to false")
-        try:
-            backend = resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype))
-            lm_head = resolve_lm_head(cfg.model.lm_head_impl, device)
-        except RuntimeError as e:
-            raise UserError(str(e)) from None
-        model_cfg = check_model_source(cfg.model.path)  # fail fast, before tokenizing anything
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        if len(tokenizer) > model_cfg.vocab_size:
-            raise UserError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.path}) has {len(tokenizer)} tokens "
-                            f"but the model's vocab_size is {model_cfg.vocab_size}: they do not belong together")
-    log.info("world size %d on %s; attention backend %s; LM head %s; compute %s, fp32 master weights + AdamW state",
-             world, device, backend, lm_head, cfg.model.compute_dtype)
-
-    train_data, eval_data = load_datasets(cfg, dist_info, tokenizer)
-    train_groups = groups_of(train_data)
-    budget = cfg.train.tokens_per_micro_batch
-    with fdist.all_ranks_agree():
-        try:
-            plans = plan_steps(train_groups, cfg.train.global_batch_pairs, world, budget, cfg.train.seed,
-                               cfg.train.epochs, cfg.train.max_steps)
-        except ValueError as e:
-            raise UserError(f"{cfg.data.train}: {e}") from None
-    if cfg.model.cpu_offload:
-        most = max(len(mbs) for plan in plans for mbs in plan.micro_batches)
-        if most > 1:
-            # FSDP2 copies a gradient to host memory asynchronously only when none is being accumulated:
-            # from a step's second micro-batch on, every block's copy blocks the host and adds on the CPU.
-            log.warning("model.cpu_offload with up to %d micro-batches per rank per step: from the second one on, "
-                        "each block's gradient copy to host memory blocks and is summed on the CPU. One "
-                        "micro-batch per step (train.tokens_per_micro_batch >= the tokens of "
-                        "global_batch_pairs / world size pairs, or more GPUs) keeps the copies asynchronous",
-                        most)
-    n_shared = sum(len(g.continuations) > 2 for g in train_groups)
-    log.info("%d pairs in %d prompt groups (%d with >2 continuations); %d optimizer steps of %d pairs",
-             len(train_data), len(train_groups), n_shared, len(plans), cfg.train.global_batch_pairs)
-    model_fp = model_fingerprint(cfg.model.path)
-    info = resume_checkpoint.run_info(cfg.to_dict(), model_fp, tokenized_fingerprint(train_data), world)
-    finished = finished_run(cfg, info, dist_info)
+        cfg.model.compute_dtype = "bfloat16" if dist_info.device.type == "cuda" else "float32"
+    inputs = check_inputs(cfg, dist_info)
+    finished = finished_run(cfg, inputs.info, dist_info)
     if finished is not None:
         log.info("%s: this run finished (summary.json, %d steps); nothing to do. To train further, start a new "
-                 "run in another train.output_dir", out_dir, finished.get("steps", 0))
+                 "run in another train.output_dir", cfg.train.output_dir, finished.get("steps", 0))
         return finished
-
-    # ---- model, optimizer (built before any forward: it must hold the sharded DTensor parameters)
-    model = build_sharded_model(cfg, dist_info, backend, trainable=True)
-    flop_model = FlopModel.of(model.config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    total_steps = len(plans)
-    optimizer, scheduler = build_optimizer(cfg, params, total_steps)
-
-    # ---- references (from the initial weights, before any checkpoint is loaded) and evaluation sets
-    eval_sets = {"train_subset": groups_of(train_data, 256)}  # the same pairs every time
-    if eval_data is not None:
-        eval_sets["eval"] = groups_of(eval_data)
-    eval_plans = {name: plan_inference(gs, world, budget) for name, gs in eval_sets.items()}
-    refs = build_references(cfg, dist_info, backend, model, train_data, eval_data, eval_sets, model_fp)
-    if cfg.loss.reference == "precompute" and resume_from is not None and not refs.all_cached:
-        log.warning("the reference log-prob cache was missing on resume; it was recomputed from model.path")
-
-    state = {"step": 0, "consecutive_skips": 0, "skipped_steps": [], "before": None}
-    if resume_from is not None:
-        state = resume_checkpoint.load(resume_from, model, optimizer, info, dist_info)
-        scheduler.load_state_dict(state["scheduler"])
-        log.info("resumed from %s at step %d/%d", resume_from, state["step"], total_steps)
-
+    run = build_run(cfg, dist_info, inputs)
+    state = restore(run)
     # ---- every input passed: from here on the run writes into output_dir
     with fdist.all_ranks_agree():
         if dist_info.is_main:
             create_output_dir(cfg)
-    logger = None
-    if dist_info.is_main:
-        truncate_metrics(out_dir / "metrics.jsonl", state["step"])
-        logger = MetricsLogger(out_dir / "metrics.jsonl", cfg.train.tensorboard)
+    return RunSession(run, state).train()
 
-    def evaluate_all() -> dict[str, dict]:
-        return {name: evaluate(model, refs.by_eval_set[name], mbs[dist_info.rank], device, cfg, world, flop_model)
-                for name, mbs in eval_plans.items()}
 
-    def run_evals(step: int) -> dict[str, dict]:
-        results = evaluate_all()
-        if logger:
+def restore(run: Run) -> dict:
+    """The trainer state to start from: a fresh one, or the checkpoint train.resume names (model, AdamW, schedule,
+    RNG and counters restored in place)."""
+    state = {"step": 0, "consecutive_skips": 0, "skipped_steps": [], "before": None}
+    resume_from = run.inputs.resume_from
+    if resume_from is not None:
+        state = resume_checkpoint.load(resume_from, run.model, run.optimizer, run.inputs.info, run.dist)
+        run.scheduler.load_state_dict(state["scheduler"])
+        log.info("resumed from %s at step %d/%d", resume_from, state["step"], len(run.inputs.plans))
+    return state
+
+
+class RunSession:
+    """One training run's outputs around the loop: metrics log, evaluations, checkpoints, exports, summary."""
+
+    def __init__(self, run: Run, state: dict):
+        self.run, self.state = run, state
+        self.out_dir = Path(run.cfg.train.output_dir)
+        self.logger = None
+        if run.dist.is_main:
+            truncate_metrics(self.out_dir / "metrics.jsonl", state["step"])
+            self.logger = MetricsLogger(self.out_dir / "metrics.jsonl", run.cfg.train.tensorboard)
+        self.loop = TrainLoop.from_run(run, self.logger, Faults.from_env())
+        self.loop.consecutive_skips, self.loop.skipped_steps = state["consecutive_skips"], list(state["skipped_steps"])
+        # An export that exists already was written by this run (the output directory was empty, or replaced, when
+        # it started): by an attempt that went past the checkpoint this one resumed from. It is replaced.
+        self.replace_exports = bool(run.cfg.train.resume)
+
+    def train(self) -> dict:
+        run, state = self.run, self.state
+        total_steps = len(run.inputs.plans)
+        if state["before"] is None:
+            state["before"] = self.evaluate(0)
+        self.loop.run(run.inputs.plans[state["step"]:], total_steps, self.evaluate, self.checkpoint, self.export)
+        return self.finish(total_steps)
+
+    def evaluate_all(self) -> dict[str, dict]:
+        run = self.run
+        return {name: evaluate(run.model, run.refs.by_eval_set[name], mbs[run.dist.rank], run.dist.device, run.cfg,
+                               run.dist.world_size, run.flop_model)
+                for name, mbs in run.eval_plans.items()}
+
+    def evaluate(self, step: int) -> dict[str, dict]:
+        results = self.evaluate_all()
+        if self.logger:
             for name, metrics in results.items():
-                logger.write({"split": "eval" if name == "eval" else "eval_train_subset", "step": step, **metrics})
+                self.logger.write({"split": "eval" if name == "eval" else "eval_train_subset", "step": step,
+                                   **metrics})
         return results
 
-    if state["before"] is None:
-        state["before"] = run_evals(0)
+    def checkpoint(self, step: int) -> None:
+        run, loop = self.run, self.loop
+        self.state.update(step=step, scheduler=run.scheduler.state_dict(), consecutive_skips=loop.consecutive_skips,
+                          skipped_steps=loop.skipped_steps)
+        resume_checkpoint.save(self.out_dir / "checkpoints", step, run.model, run.optimizer, self.state,
+                               run.inputs.info, run.cfg.train.keep_checkpoints, run.dist)
 
-    loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, params, refs.train, flop_model, logger,
-                     Faults.from_env())
+    def export(self, step: int) -> None:
+        export_hf(self.run.model, self.run.cfg, self.out_dir / "exports" / f"step-{step:08d}", self.run.dist,
+                  self.replace_exports)
 
-    def checkpoint(step: int) -> None:
-        state.update(step=step, scheduler=scheduler.state_dict(), consecutive_skips=loop.consecutive_skips,
-                     skipped_steps=loop.skipped_steps)
-        resume_checkpoint.save(ckpt_root, step, model, optimizer, state, info, cfg.train.keep_checkpoints, dist_info)
-
-    loop.consecutive_skips, loop.skipped_steps = state["consecutive_skips"], list(state["skipped_steps"])
-    # An export that exists already was written by this run (the output directory was empty, or replaced, when it
-    # started): by an attempt that went past the checkpoint this one resumed from. It is replaced.
-    replace_exports = bool(cfg.train.resume)
-
-    def export(step: int) -> None:
-        export_hf(model, cfg, out_dir / "exports" / f"step-{step:08d}", dist_info, replace_exports)
-
-    loop.run(plans[state["step"]:], total_steps, run_evals, checkpoint, export)
-
-    after = run_evals(total_steps)
-    summary = {"steps": total_steps, "skipped_steps": loop.skipped_steps, "before": state["before"], "after": after,
-               "last_step": loop.last_row, "run_info": info}
-    if cfg.train.save_final:
-        report = export_hf(model, cfg, out_dir / "final", dist_info, replace_exports)
-        summary["export"] = report.as_dict()
-        if report.dtype != "float32":  # the exported weights are the rounded ones: report what they score
-            with weights_as_exported(model, report.dtype):
-                summary["after_exported_weights"] = evaluate_all()
-    if dist_info.is_main:
-        write_json_atomic(out_dir / "summary.json", summary)  # written last: marks the run finished
-        log.info("\n%s", format_before_after(state["before"], after))
-        if "after_exported_weights" in summary:
-            log.info("the exported %s weights score:\n%s", summary["export"]["dtype"],
-                     format_before_after(state["before"], summary["after_exported_weights"]))
-        logger.close()
-        if cfg.train.plot and plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"):
-            log.info("curves: %s", out_dir / "curves.png")
-    return summary
+    def finish(self, total_steps: int) -> dict:
+        run, state = self.run, self.state
+        after = self.evaluate(total_steps)
+        summary = {"steps": total_steps, "skipped_steps": self.loop.skipped_steps, "before": state["before"],
+                   "after": after, "last_step": self.loop.last_row, "run_info": run.inputs.info}
+        if run.cfg.train.save_final:
+            report = export_hf(run.model, run.cfg, self.out_dir / "final", run.dist, self.replace_exports)
+            summary["export"] = report.as_dict()
+            if report.dtype != "float32":  # the exported weights are the rounded ones: report what they score
+                with weights_as_exported(run.model, report.dtype):
+                    summary["after_exported_weights"] = self.evaluate_all()
+        if run.dist.is_main:
+            write_json_atomic(self.out_dir / "summary.json", summary)  # written last: marks the run finished
+            log.info("\n%s", format_before_after(state["before"], after))
+            if "after_exported_weights" in summary:
+                log.info("the exported %s weights score:\n%s", summary["export"]["dtype"],
+                         format_before_after(state["before"], summary["after_exported_weights"]))
+            self.logger.close()
+            if run.cfg.train.plot and plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png"):
+                log.info("curves: %s", self.out_dir / "curves.png")
+        return summary
 
 
 def finished_run(cfg: RunConfig, info: dict, dist_info: fdist.DistInfo) -> dict | None:
@@ -305,17 +227,6 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
-    if cfg.train.resume == "":
-        return None
-    if cfg.train.resume == "auto":
-        latest = resume_checkpoint.find_latest(ckpt_root)
-        if latest is None:
-            log.info("train.resume=auto: no complete checkpoint in %s; starting from the beginning", ckpt_root)
-        return latest
-    return Path(cfg.train.resume)
-
-
 def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint (they will be logged again); atomic rewrite."""
     if not path.exists():
@@ -327,8 +238,27 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class _Interval:
+    """What the loop sums between two log rows."""
+
+    sums: np.ndarray  # MetricSums fields, then tokens, then FLOPs
+    pairs: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.sums[:] = 0
+        self.pairs = 0
+        self.t_start = time.perf_counter()
+
+
 class TrainLoop:
-    """Optimizer steps over a list of StepPlans; one small all-reduce and one host sync per step."""
+    """Optimizer steps over a list of StepPlans; one small all-reduce and one host sync per step.
+
+    ``run`` reads as its three parts: ``step`` (micro-batches, gradient norm, the one all-reduce, then the
+    update or the skip of a non-finite step), ``log_row`` (the metrics of the steps since the last row) and
+    ``pauses`` (the cadence of evaluations, exports and checkpoints).
+    """
 
     def __init__(self, cfg, dist_info, model, optimizer, scheduler, params, reference, flop_model, logger, faults):
         self.cfg, self.dist, self.model, self.optimizer, self.scheduler = cfg, dist_info, model, optimizer, scheduler
@@ -338,97 +268,124 @@ class TrainLoop:
         self.skipped_steps: list[int] = []
         self.last_row: dict | None = None
         self.peak_memory = TrainingPeakMemory(dist_info.device)  # per log row, and for benchmarks' spans
+        self.peak_flops = self._mfu_denominator()
+        self.step_lr = float("nan")
+        self._t_checkpoint = time.perf_counter()
 
-    def run(self, plans, total_steps, run_evals, checkpoint, export) -> None:
-        cfg, device, rank = self.cfg, self.dist.device, self.dist.rank
-        n_fields = len(MetricSums.FIELDS)
-        bar = ProgressBar(total_steps, cfg.train.progress_bar and self.dist.is_main)
-        peak = None  # the MFU denominator: this card's dense bf16 ceiling (fasttrain/flops.py); unknown -> mfu null
-        if device.type == "cuda":
-            tflops, source = peak_bf16_tflops(torch.cuda.get_device_name(device))
-            peak = tflops * 1e12 if tflops else None
-            if self.dist.is_main:
-                log.info("MFU denominator: %s TFLOP/s per GPU (%s)", tflops, source)
+    @classmethod
+    def from_run(cls, run: Run, logger=None, faults: Faults | None = None, flop_model=None) -> TrainLoop:
+        """The loop over ``run``'s model, optimizer, schedule and training reference. ``logger``: anything with
+        ``write(row)`` (None: rows are kept in ``last_row`` only); ``flop_model``: replaces the run's (a
+        benchmark's counting wrapper)."""
+        return cls(run.cfg, run.dist, run.model, run.optimizer, run.scheduler, run.params, run.refs.train,
+                   flop_model or run.flop_model, logger, faults or Faults())
+
+    def _mfu_denominator(self) -> float | None:
+        """This card's dense bf16 ceiling in FLOP/s (fasttrain/flops.py); None off CUDA or for an unlisted card."""
+        device = self.dist.device
+        if device.type != "cuda":
+            return None
+        tflops, source = peak_bf16_tflops(torch.cuda.get_device_name(device))
+        if self.dist.is_main:
+            log.info("MFU denominator: %s TFLOP/s per GPU (%s)", tflops, source)
+        return tflops * 1e12 if tflops else None
+
+    def run(self, plans, total_steps, run_evals=None, checkpoint=None, export=None) -> None:
+        bar = ProgressBar(total_steps, self.cfg.train.progress_bar and self.dist.is_main)
         self.model.train()
-        t_last = t_ckpt = time.perf_counter()
-        interval = np.zeros(n_fields + 2)  # metric sums, tokens, flops since the last log row
-        pairs_since = 0
-        peak_memory = self.peak_memory
-        peak_memory.start()
+        interval = _Interval(np.zeros(len(MetricSums.FIELDS) + 2))
+        self.peak_memory.start()
         for plan in plans:
             step = plan.step + 1
-            my_batches = plan.micro_batches[rank]
-            step_sums = torch.zeros(n_fields, device=device)
-            tokens = flops = 0.0
-            for i, groups in enumerate(my_batches):
-                # Gradients are reduce-scattered after every micro-batch (FSDP2's default), into the sharded
-                # fp32 grads. Deferring it to the step's last micro-batch would make FSDP2 keep an unsharded
-                # fp32 gradient of the whole model on every rank in between: 4 B/param, ~290 GB at 72B.
-                sums, n_tok, n_flops = run_micro_batch(
-                    self.model, self.reference, groups, device, cfg, self.dist.world_size, self.flop_model, True,
-                    loss_scale=self.faults.loss_scale(step, rank, i))
-                step_sums += sums
-                tokens += n_tok
-                flops += n_flops
-                self.faults.maybe_kill(step, rank)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            due = cfg.train.checkpoint_minutes > 0 and time.perf_counter() - t_ckpt >= 60 * cfg.train.checkpoint_minutes
-            stats = torch.cat([step_sums, to_device(torch.tensor([tokens, flops, float(due)]), device)])
-            # The step's one host sync: every rank learns the same loss, grad norm (already global) and
-            # checkpoint vote.
-            *values, norm = torch.cat([fdist.all_reduce_sum(stats), grad_norm.reshape(1).to(stats)]).tolist()
-            lr = self.scheduler.get_last_lr()[0]
-            if math.isfinite(norm) and math.isfinite(values[1]):
-                self.optimizer.step()
-                self.consecutive_skips = 0
-            else:
-                self._skip(step, plan, norm, values[1])
-            self.scheduler.step()  # the LR schedule follows the data position, skipped steps included
-            self.optimizer.zero_grad(set_to_none=True)
-            if math.isfinite(values[1]):
-                interval += np.asarray(values[:-1])
-            pairs_since += plan.num_pairs
-            # A log point whose interval holds only skipped steps has nothing to report (the skip has its row).
-            if (step % cfg.train.log_every == 0 or step == total_steps) and interval[0] > 0:
-                elapsed = time.perf_counter() - t_last
-                row = {
-                    "split": "train", "step": step, "epoch": round(plan.epoch, 4),
-                    **MetricSums.report(torch.tensor(interval[:n_fields])),
-                    "grad_norm": norm, "lr": lr,
-                    "tokens_per_s": interval[n_fields] / elapsed, "pairs_per_s": pairs_since / elapsed,
-                    "mfu": interval[n_fields + 1] / elapsed / (peak * self.dist.world_size) if peak else None,
-                    "peak_mem_gib": peak_memory.report(),
-                }
-                self.last_row = row
-                if self.logger:
-                    self.logger.write(row)
-                bar.update(step, f"loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
-                                 f"margin {row['rewards/margins']:.3f} {row['tokens_per_s']:.0f} tok/s")
-                interval[:] = 0
-                pairs_since = 0
-                t_last = time.perf_counter()
-            last = step == total_steps
-            due_eval = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and not last
-            due_ckpt = (bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0) or values[-1] > 0
-            due_export = bool(cfg.train.export_every) and step % cfg.train.export_every == 0 and not last
-            if due_eval or (due_ckpt and not last) or due_export:
-                # throughput and peak memory count the training steps only
-                t_pause = time.perf_counter()
-                peak_memory.pause()
-                if due_eval:
-                    run_evals(step)
-                # Export before checkpointing: a crash between the two then resumes from an earlier checkpoint
-                # and rewrites this export, instead of resuming past it and never writing it.
-                if due_export:
-                    export(step)
-                if due_ckpt and not last:
-                    checkpoint(step)
-                t_last += time.perf_counter() - t_pause
-                peak_memory.start()
+            values, norm, checkpoint_vote = self.step(plan)
+            if math.isfinite(values[1]):  # a skipped step's numbers have their own row (split=skipped)
+                interval.sums += values
+            interval.pairs += plan.num_pairs
+            # A log point whose interval holds only skipped steps has nothing to report.
+            if (step % self.cfg.train.log_every == 0 or step == total_steps) and interval.sums[0] > 0:
+                self.log_row(step, plan, interval, norm, bar)
+                interval.reset()
+            paused = self.pauses(step, step == total_steps, checkpoint_vote, run_evals, checkpoint, export)
+            interval.t_start += paused  # throughput counts the training steps only
+
+    def step(self, plan) -> tuple[np.ndarray, float, bool]:
+        """One optimizer step: (the step's metric sums + tokens + FLOPs over all ranks, global grad norm,
+        whether any rank's checkpoint_minutes clock ran out)."""
+        cfg, device, rank = self.cfg, self.dist.device, self.dist.rank
+        step = plan.step + 1
+        step_sums = torch.zeros(len(MetricSums.FIELDS), device=device)
+        tokens = flops = 0.0
+        for i, groups in enumerate(plan.micro_batches[rank]):
+            # Gradients are reduce-scattered after every micro-batch (FSDP2's default), into the sharded
+            # fp32 grads. Deferring it to the step's last micro-batch would make FSDP2 keep an unsharded
+            # fp32 gradient of the whole model on every rank in between: 4 B/param, ~290 GB at 72B.
+            sums, n_tok, n_flops = run_micro_batch(
+                self.model, self.reference, groups, device, cfg, self.dist.world_size, self.flop_model, True,
+                loss_scale=self.faults.loss_scale(step, rank, i))
+            step_sums += sums
+            tokens += n_tok
+            flops += n_flops
+            self.faults.maybe_kill(step, rank)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        minutes = cfg.train.checkpoint_minutes
+        due = minutes > 0 and time.perf_counter() - self._t_checkpoint >= 60 * minutes
+        stats = torch.cat([step_sums, to_device(torch.tensor([tokens, flops, float(due)]), device)])
+        # The step's one host sync: every rank learns the same loss, grad norm (already global) and checkpoint vote.
+        *values, vote, norm = torch.cat([fdist.all_reduce_sum(stats), grad_norm.reshape(1).to(stats)]).tolist()
+        self.step_lr = self.scheduler.get_last_lr()[0]  # this step's rate: the scheduler moves on below
+        if math.isfinite(norm) and math.isfinite(values[1]):
+            self.optimizer.step()
+            self.consecutive_skips = 0
+        else:
+            self._skip(step, plan, norm, values[1])
+        self.scheduler.step()  # the LR schedule follows the data position, skipped steps included
+        self.optimizer.zero_grad(set_to_none=True)
+        return np.asarray(values), norm, vote > 0
+
+    def log_row(self, step: int, plan, interval: _Interval, norm: float, bar) -> None:
+        n_fields = len(MetricSums.FIELDS)
+        elapsed = time.perf_counter() - interval.t_start
+        peak = self.peak_flops
+        row = {
+            "split": "train", "step": step, "epoch": round(plan.epoch, 4),
+            **MetricSums.report(torch.tensor(interval.sums[:n_fields])),
+            "grad_norm": norm, "lr": self.step_lr,
+            "tokens_per_s": interval.sums[n_fields] / elapsed, "pairs_per_s": interval.pairs / elapsed,
+            "mfu": interval.sums[n_fields + 1] / elapsed / (peak * self.dist.world_size) if peak else None,
+            "peak_mem_gib": self.peak_memory.report(),
+        }
+        self.last_row = row
+        if self.logger:
+            self.logger.write(row)
+        bar.update(step, f"loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
+                         f"margin {row['rewards/margins']:.3f} {row['tokens_per_s']:.0f} tok/s")
+
+    def pauses(self, step: int, last: bool, checkpoint_vote: bool, run_evals, checkpoint, export) -> float:
+        """Evaluations, exports and checkpoints due after ``step``; returns the seconds they took."""
+        cfg = self.cfg.train
+        due_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0 and not last and run_evals
+        due_ckpt = ((bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0) or checkpoint_vote)
+        due_export = bool(cfg.export_every) and step % cfg.export_every == 0 and not last and export
+        if not (due_eval or (due_ckpt and not last and checkpoint) or due_export):
             if due_ckpt:
-                t_ckpt = time.perf_counter()
+                self._t_checkpoint = time.perf_counter()
+            return 0.0
+        t_pause = time.perf_counter()
+        self.peak_memory.pause()  # peak memory counts the training steps only
+        if due_eval:
+            run_evals(step)
+        # Export before checkpointing: a crash between the two then resumes from an earlier checkpoint and
+        # rewrites this export, instead of resuming past it and never writing it (DESIGN §8.6).
+        if due_export:
+            export(step)
+        if due_ckpt and not last and checkpoint:
+            checkpoint(step)
+        self.peak_memory.start()
+        if due_ckpt:
+            self._t_checkpoint = time.perf_counter()
+        return time.perf_counter() - t_pause
 
     def _skip(self, step: int, plan, norm: float, loss_sum: float) -> None:
         self.consecutive_skips += 1

@@ -25,7 +25,7 @@ def test_fused_cpu_adamw_on_fsdp2_shards_matches_foreach(tmp_path):
         import torch, torch.distributed as dist
         from torch.distributed.fsdp import fully_shard
         from fasttrain.config import RunConfig
-        from fasttrain.trainer import build_optimizer
+        from fasttrain.assembly import build_optimizer
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         out = []
         for offload in (False, True):
