@@ -38,7 +38,7 @@ def _flash_attn_import_error(installed: bool) -> str | None:
     if not installed:
         return "the flash-attn package is not installed (pip install 'fasttrain[flash]')"
     try:
-        from flash_attn import flash_attn_varlen_func  # noqa: F401
+        from flash_attn import flash_attn_varlen_func  # noqa: F401 - imported only to see that it loads
     except Exception as e:  # noqa: BLE001 - ImportError, OSError (undefined symbol), ...
         return f"the flash-attn package is installed but does not import: {type(e).__name__}: {e}"
     return None

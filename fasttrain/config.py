@@ -29,7 +29,8 @@ class ModelSection:
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state live in host memory
     # torch.compile each decoder block's compute around the (eager) attention call: norm + q/k/v + qk-norm +
     # RoPE, and o_proj + residual + norm + SwiGLU + residual, fused by inductor. The token count is dynamic, so
-    # each region compiles once per mode (train / no-grad / frozen live reference), never per batch. Costs compile time in the first micro-batches; needs a C++ compiler on CPU.
+    # each region compiles once per mode (train / no-grad / frozen live reference), never per batch. Costs compile
+    # time in the first micro-batches; needs a C++ compiler on CPU.
     compile: bool = False
 
 
@@ -139,7 +140,8 @@ class RunConfig:
             raise ConfigError("train.lr must be > 0 and train.warmup_ratio in [0, 1)")
         for key, ok, expected in (
             ("log_every", t.log_every >= 1, ">= 1"), ("eval_every", t.eval_every >= 0, ">= 0"),
-            ("checkpoint_every", t.checkpoint_every >= 0, ">= 0"), ("export_every", t.export_every >= 0, ">= 0"), ("checkpoint_minutes", t.checkpoint_minutes >= 0, ">= 0"),
+            ("checkpoint_every", t.checkpoint_every >= 0, ">= 0"), ("export_every", t.export_every >= 0, ">= 0"),
+            ("checkpoint_minutes", t.checkpoint_minutes >= 0, ">= 0"),
             ("keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"), ("max_steps", t.max_steps >= 0, ">= 0"),
             ("epochs", t.epochs >= 0, ">= 0"), ("weight_decay", t.weight_decay >= 0, ">= 0"),
             ("adam_beta1", 0 <= t.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= t.adam_beta2 < 1, "in [0, 1)"),

@@ -91,7 +91,8 @@ def shard_model(
     """fully_shard every decoder block, then the root (embedding, final norm, LM head).
 
     A trainable model's parameters stay fp32 (the master copy the optimizer updates; a frozen one is stored
-    in ``compute_dtype`` already); FSDP casts the gathered copy to ``compute_dtype`` and reduces gradients in fp32 (DESIGN §6: bf16 masters would drop lr-5e-7 updates).
+    in ``compute_dtype`` already); FSDP casts the gathered copy to ``compute_dtype`` and reduces gradients in fp32
+    (DESIGN §6.3: bf16 masters would drop lr-5e-7 updates).
     A trainable model keeps the root and the last block gathered after forward: backward needs them first,
     so gathering them twice would be wasted communication. A ``frozen`` model (the live reference) never runs
     backward, and only backward frees what forward keeps (FSDP2's root reshards in backward alone), so

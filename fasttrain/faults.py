@@ -21,7 +21,7 @@ class Faults:
     nan_steps: frozenset[int] = field(default_factory=frozenset)
 
     @staticmethod
-    def from_env() -> "Faults":
+    def from_env() -> Faults:
         spec = os.environ.get("FASTTRAIN_FAULT", "")
         if not spec:
             return Faults()

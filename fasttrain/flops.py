@@ -23,7 +23,7 @@ class FlopModel:
     hidden: int
 
     @staticmethod
-    def of(cfg) -> "FlopModel":
+    def of(cfg) -> FlopModel:
         """From a ModelConfig: decoder-block parameters (plus the final norm, negligible)."""
         from fasttrain.model.config import num_params
 

@@ -14,8 +14,8 @@ continuation, so each continuation sees the same positions as it would alone.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -164,7 +164,7 @@ class AttentionMeta:
     def num_segments(self) -> int:
         return self.cu_seqlens_q.numel() - 1
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "AttentionMeta":
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> AttentionMeta:
         host_cu = self._host_cu
         if host_cu is None and self.cu_seqlens_q.device.type == "cpu":  # free here, a sync once on the GPU
             host_cu = (self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist())
@@ -207,7 +207,7 @@ class AttentionMeta:
         return self._dense_mask
 
     @staticmethod
-    def for_sequences(lengths: Sequence[int], device: torch.device | str = "cpu") -> "AttentionMeta":
+    def for_sequences(lengths: Sequence[int], device: torch.device | str = "cpu") -> AttentionMeta:
         """Plain causal packing of independent sequences (no prefix sharing)."""
         cu = np.zeros(len(lengths) + 1, dtype=np.int32)
         cu[1:] = np.cumsum(lengths)
@@ -244,8 +244,10 @@ class PackedBatch:
     def num_continuations(self) -> int:
         return int(self.cont_lengths_M.numel())
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackedBatch":
-        mv = lambda t: to_device(t, device, non_blocking)  # noqa: E731
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
+        def mv(t):
+            return to_device(t, device, non_blocking)
+
         return PackedBatch(
             mv(self.input_ids_T), mv(self.position_ids_T), self.attn.to(device, non_blocking),
             mv(self.lp_rows_N), mv(self.lp_targets_N), mv(self.lp_cont_N), mv(self.cont_lengths_M),
@@ -315,7 +317,7 @@ def pack_groups(groups: Sequence[PromptGroup]) -> PackedBatch:
             record_ids.append(pr.record_id)
         n_cont += len(g.continuations)
         offset = cursor
-    as_long = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
+    as_long = _as_long
     return PackedBatch(
         input_ids_T=as_long(ids),
         position_ids_T=as_long(pos),
@@ -370,7 +372,7 @@ def pack_unshared(sequences: Sequence[np.ndarray], prompt_lengths: Sequence[int]
         cont_of_row.append(np.full(n - p, m))
         lens.append(n - p)
         offset += n
-    as_long = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
+    as_long = _as_long
     empty = torch.zeros(0, dtype=torch.int64)
     return PackedBatch(
         as_long(ids), as_long(pos), AttentionMeta.for_sequences([len(s) for s in sequences]),
@@ -400,3 +402,7 @@ def bin_groups(groups: Sequence[PromptGroup], token_budget: int) -> list[list[Pr
             bins.append([pieces[i]])
             loads.append(t)
     return bins
+
+
+def _as_long(parts: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))

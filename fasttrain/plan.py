@@ -87,7 +87,8 @@ def plan_steps(
                 cursor, pair_cursor = cursor + 1, 0
         consumed += global_batch_pairs
         plans.append(
-            StepPlan(step, consumed / total_pairs, assign_to_ranks(chosen, world_size, token_budget), global_batch_pairs)
+            StepPlan(step, consumed / total_pairs, assign_to_ranks(chosen, world_size, token_budget),
+                     global_batch_pairs)
         )
     return plans
 

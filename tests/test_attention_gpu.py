@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from weights import randomize_
 
 from fasttrain.attention import resolve_backend, varlen_attention
 from fasttrain.loss import continuation_logps, pair_logps
@@ -44,7 +45,6 @@ from fasttrain.packing import (
     pack_groups,
     pack_unshared,
 )
-from weights import randomize_
 
 FACTOR = 3.0  # flash-attention's tests use 2 (3 for some gradients); DESIGN §7 says "a small factor"
 FLOOR = 1e-4  # x max|truth|: 1/40 of bf16's rounding unit
@@ -299,7 +299,10 @@ def model_groups(vocab: int, seed: int) -> tuple[list[PromptGroup], list[tuple]]
     """Groups with shared prompts and a shared rejected step, short prompts, one-token steps and one
     1500-token prompt; also the raw (prompt, chosen, rejected) per pair for the unpacked runs."""
     rng = np.random.default_rng(seed)
-    toks = lambda n: rng.integers(0, vocab, size=n)
+
+    def toks(n):
+        return rng.integers(0, vocab, size=n)
+
     raw = []
     for p_len, n_pairs, step in ((300, 3, (5, 80)), (12, 2, (10, 40)), (1500, 2, (30, 70)), (40, 2, (1, 1)),
                                  (5, 1, (1, 3))):

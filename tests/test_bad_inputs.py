@@ -21,15 +21,17 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import yaml  # noqa: E402
-from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+import yaml
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
-from fasttrain.config import RunConfig, load_config  # noqa: E402
-from fasttrain.errors import ConfigError  # noqa: E402
-from fasttrain.data import DataError, load_records, tokenize_records  # noqa: E402
-from fasttrain.errors import UserError  # noqa: E402
+from fasttrain.config import RunConfig, load_config
+from fasttrain.data import DataError, load_records, tokenize_records
+from fasttrain.errors import (
+    ConfigError,
+    UserError,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "fasttrain" / "demo"
@@ -353,9 +355,9 @@ def _load_everything(model_dir: Path):
     """What assembly.build_sharded_model does, minus FSDP: config, source check, weights."""
     import torch
 
-    from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
+    from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source
 
     cfg = ModelConfig.from_model_dir(model_dir)
     resolve_model_source(model_dir)

@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source, save_hf_checkpoint  # noqa: E402
-from fasttrain.model.config import ModelConfig  # noqa: E402
-from fasttrain.model.decoder import build_model  # noqa: E402
-from fasttrain.packing import AttentionMeta, pack_unshared  # noqa: E402
-from cli_runner import free_port  # noqa: E402
+from cli_runner import free_port
+
+from fasttrain.model.config import ModelConfig
+from fasttrain.model.decoder import build_model
+from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source, save_hf_checkpoint
+from fasttrain.packing import AttentionMeta, pack_unshared
 
 VOCAB = 101  # odd: FSDP rank 1 gets one row fewer than rank 0
 BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import DEMO, free_port, run_fasttrain
+from weights import randomize_
 
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
 from fasttrain.packing import PairRef, PromptGroup, pack_groups
-from weights import randomize_
 
 # The demo's Qwen2 shape (hidden 128, 4 heads, 2 KV heads, q/k/v bias, tied embeddings): the trainer test
 # compiles the same graphs, so inductor's on-disk cache serves them from the first test.

@@ -11,9 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from fasttrain.data import (  # noqa: E402
+from fasttrain.data import (
     TEMPLATES,
     DataError,
     StepRecord,
@@ -25,7 +25,7 @@ from fasttrain.data import (  # noqa: E402
     render_prompt,
     tokenize_records,
 )
-from fasttrain.data import tokenize as tokenize_module  # noqa: E402
+from fasttrain.data import tokenize as tokenize_module
 
 DEMO = Path(__file__).resolve().parents[1] / "fasttrain" / "demo"
 DEMO_MODEL = DEMO / "model"

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fasttrain.errors import DataError
-from fasttrain.errors import UserError
+from fasttrain.errors import DataError, UserError
 from fasttrain.eval.__main__ import main as eval_main
 from fasttrain.eval.evaluate import DEFAULT_PREFILL, evaluate, load_problems
 from fasttrain.eval.generate import Generator, HFGenerator, make_generator

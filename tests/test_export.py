@@ -13,9 +13,9 @@ from cli_runner import DEMO, run_fasttrain
 from safetensors.torch import load_file
 
 from fasttrain.export import MAX_UPDATE_ERROR, choose_export_dtype, measure_update_error, weights_as_exported
-from fasttrain.model.hf_checkpoint import load_hf_weights
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
+from fasttrain.model.hf_checkpoint import load_hf_weights
 
 DEMO_MODEL = DEMO / "model"  # stored in bfloat16, like most released checkpoints
 

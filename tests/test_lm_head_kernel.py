@@ -20,19 +20,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels (CPU runs need the interpreter)
 
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-from fasttrain_kernels import lm_head_chunked, lm_head_triton  # noqa: E402
-from fasttrain_kernels.ops import (  # noqa: E402
+from triton_interpreter import interpreter_problem
+
+from fasttrain_kernels import lm_head_chunked, lm_head_triton
+from fasttrain_kernels.lm_head_torch import lm_head_logprobs_torch as lm_head_logprobs
+from fasttrain_kernels.ops import (
     lm_head_logprobs_chunked,
     lm_head_logprobs_chunked_op,
     lm_head_logprobs_op,
     lm_head_logprobs_triton,
 )
-from fasttrain_kernels.lm_head_torch import lm_head_logprobs_torch as lm_head_logprobs  # noqa: E402
-from triton_interpreter import interpreter_problem  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16]

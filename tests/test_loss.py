@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fasttrain.loss import (  # noqa: E402
+from fasttrain.loss import (
     MetricSums,
     PairLogps,
     continuation_logps,
@@ -20,7 +20,7 @@ from fasttrain.loss import (  # noqa: E402
     metric_sums,
     pair_logps,
 )
-from fasttrain.packing import build_groups, pack_groups  # noqa: E402
+from fasttrain.packing import build_groups, pack_groups
 
 
 def tiny_hf_model(seed: int, vocab: int = 97):
@@ -40,9 +40,9 @@ def tiny_hf_model(seed: int, vocab: int = 97):
 
 
 def to_fasttrain(hf_model, tmp_path, name):
-    from fasttrain.model.hf_checkpoint import load_hf_weights
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
+    from fasttrain.model.hf_checkpoint import load_hf_weights
 
     d = tmp_path / name
     hf_model.save_pretrained(d, safe_serialization=True)

@@ -19,12 +19,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fasttrain.model.hf_checkpoint import load_hf_weights  # noqa: E402
-from fasttrain.model.config import ModelConfig, num_params  # noqa: E402
-from fasttrain.model.decoder import build_model  # noqa: E402
-from fasttrain.model.rope import inv_freq  # noqa: E402
-from weights import randomize_  # noqa: E402
-from fasttrain.packing import AttentionMeta, build_groups, pack_groups  # noqa: E402
+from weights import randomize_
+
+from fasttrain.model.config import ModelConfig, num_params
+from fasttrain.model.decoder import build_model
+from fasttrain.model.hf_checkpoint import load_hf_weights
+from fasttrain.model.rope import inv_freq
+from fasttrain.packing import AttentionMeta, build_groups, pack_groups
 
 VOCAB = 257  # odd on purpose: uneven FSDP rows elsewhere, no accidental power-of-two alignment
 BASE = dict(

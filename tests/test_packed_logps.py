@@ -9,13 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fasttrain.assembly import load_tokenizer
 from fasttrain.data import records_from_rows, tokenize_records
 from fasttrain.loss import continuation_logps, pair_logps
-from fasttrain.model.hf_checkpoint import load_hf_weights
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
+from fasttrain.model.hf_checkpoint import load_hf_weights
 from fasttrain.packing import AttentionMeta, build_groups, pack_groups
-from fasttrain.assembly import load_tokenizer
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "fasttrain" / "demo" / "model"
 

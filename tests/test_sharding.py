@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cli_runner import DEMO, free_port
 
 from fasttrain.assembly import check_memory_plan
 from fasttrain.config import RunConfig
@@ -26,8 +27,6 @@ from fasttrain.errors import UserError
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
 from fasttrain.packing import AttentionMeta, PairRef, PromptGroup, pack_groups
-
-from cli_runner import DEMO, free_port
 
 TINY = json.loads((DEMO / "model" / "config.json").read_text())
 

@@ -1,5 +1,4 @@
 """The data layer: load and validate Step-DPO records, render prompts, tokenize with truncation."""
-from fasttrain.errors import DataError
 from fasttrain.data.records import MODES, RecordSet, StepRecord, load_records, records_from_rows
 from fasttrain.data.templates import TEMPLATES, render_prompt
 from fasttrain.data.tokenize import (
@@ -9,6 +8,7 @@ from fasttrain.data.tokenize import (
     prepare_dataset,
     tokenize_records,
 )
+from fasttrain.errors import DataError
 
 __all__ = [
     "DataError",

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fasttrain.errors import DataError
-from fasttrain.errors import UserError
 from fasttrain.data.records import RecordSet, StepRecord, load_records
 from fasttrain.data.templates import render_prompt
+from fasttrain.errors import DataError, UserError
 
 # Bump when the tokenization rules or the .npz layout change, so old cache files are not reused.
 CACHE_FORMAT_VERSION = 2  # 2: records whose text holds a special-token string are refused (or skipped)
@@ -57,7 +56,7 @@ class TruncationStats:
         return json.dumps(self.__dict__)
 
     @classmethod
-    def from_json(cls, text: str) -> "TruncationStats":
+    def from_json(cls, text: str) -> TruncationStats:
         values = json.loads(text)
         values["skipped"] = [tuple(item) for item in values["skipped"]]
         return cls(**values)
@@ -96,7 +95,7 @@ class TokenizedPairs:
             np.savez(handle, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenizedPairs":
+    def load(cls, path: str | Path) -> TokenizedPairs:
         with np.load(path, allow_pickle=False) as data:
             if int(data["format_version"]) != CACHE_FORMAT_VERSION:
                 raise ValueError(f"{path}: tokenized-data format {int(data['format_version'])}, "
@@ -352,7 +351,7 @@ def dataset_fingerprint(path, tokenizer, template: str, max_length: int, max_pro
             if file != Path(path):
                 digest.update(f"\0{file.relative_to(path)}\0".encode())
             with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023 (used at once)
+                for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023 - the lambda is used at once, in this iteration
                     digest.update(chunk)
     except OSError as error:
         raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from None

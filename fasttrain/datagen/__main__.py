@@ -57,10 +57,9 @@ def main(argv=None) -> int:
 
 
 def _datagen(args) -> int:
-    from fasttrain.errors import DataError
-    from fasttrain.errors import UserError
     from fasttrain.datagen.judge import OpenAICompatibleJudge
     from fasttrain.datagen.pipeline import DatagenConfig, run_datagen
+    from fasttrain.errors import DataError, UserError
     from fasttrain.eval.evaluate import load_problems
     from fasttrain.eval.generate import make_generator
 
@@ -71,7 +70,8 @@ def _datagen(args) -> int:
                             rollouts=args.rollouts, rectify=args.rectify, threshold=args.threshold,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             max_wrong_per_problem=args.max_wrong_per_problem, max_steps=args.max_steps,
-                            require_final_answer=not args.allow_unfinished, seed=args.seed, source_model=str(args.model),
+                            require_final_answer=not args.allow_unfinished, seed=args.seed,
+                            source_model=str(args.model),
                             problems_per_call=args.problems_per_call)
         judge = None
         if args.judge == "openai":

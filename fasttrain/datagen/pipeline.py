@@ -334,7 +334,8 @@ def run_datagen(generator, problems: list[Problem], out_dir, cfg: DatagenConfig,
         old = json.loads(cfg_path.read_text())
         diff = [k for k in RESUME_KEYS if k in old and old[k] != asdict(cfg)[k]]
         if diff:
-            raise ValueError(f"{out} was started with different settings ({', '.join(f'{k}: {old[k]!r}' for k in diff)}); "
+            changed = ", ".join(f"{k}: {old[k]!r}" for k in diff)
+            raise ValueError(f"{out} was started with different settings ({changed}); "
                              "use the same settings to resume, or another --out")
     else:
         cfg_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")

@@ -40,8 +40,7 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args) -> int:
-    from fasttrain.errors import DataError
-    from fasttrain.errors import UserError
+    from fasttrain.errors import DataError, UserError
     from fasttrain.eval.evaluate import check_out_dir, evaluate, load_problems, prepare_out_dir
     from fasttrain.eval.generate import make_generator
 

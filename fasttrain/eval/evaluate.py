@@ -22,8 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttrain.errors import DataError
 from fasttrain.data.templates import render_prompt
+from fasttrain.errors import DataError
 from fasttrain.eval.answers import extract_answer, is_equiv
 
 __all__ = ["DEFAULT_PREFILL", "Problem", "evaluate", "grade", "load_problems", "prepare_out_dir"]

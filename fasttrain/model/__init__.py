@@ -6,9 +6,9 @@
     logp_N = model(batch)                             # PackedBatch -> fp32 log-probs of its targets
     save_hf_checkpoint(full_state_dict, cfg, out_dir, tokenizer_dir=path)
 """
-from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source, save_hf_checkpoint
 from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.model.decoder import CausalLM, build_model
+from fasttrain.model.hf_checkpoint import load_hf_weights, resolve_model_source, save_hf_checkpoint
 
 __all__ = [
     "CausalLM", "ModelConfig", "build_model", "load_hf_weights",

@@ -74,7 +74,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_model_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_model_dir(cls, path: str | Path) -> ModelConfig:
         cfg_path = Path(path) / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: not found; a model directory needs an HF config.json")
@@ -91,7 +91,7 @@ class ModelConfig:
         return cls.from_hf_dict(d, str(cfg_path))
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, found {type(d).__name__}")
         model_type = _get(d, "model_type", str, source)

@@ -26,7 +26,6 @@ from fasttrain.packing import AttentionMeta, PackedBatch
 from fasttrain_kernels import lm_head_logprobs
 
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -9,7 +9,6 @@ temporary directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil

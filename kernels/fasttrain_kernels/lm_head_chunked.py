@@ -21,8 +21,8 @@ Shape legend: N = rows (LM-head rows that predict step tokens), D = hidden, V = 
     a single rounding, as eager) and ``dh_acc += dlogits @ W_c`` with an fp32 result, summed over chunks in an
     fp32 ``[N, D]`` buffer and rounded once at the end.
 * Extra memory beyond inputs and outputs: one z chunk (<= CHUNK_BYTES), the fp32 dh accumulator (N·D·4)
-  and its same-size per-chunk addend. At N = 8192, D = 4096: 256 MiB + 2 x 128 MiB, against eager's [N, V] logits (2.3 GiB in bf16, plus its fp32
-  softmax copies).
+  and its same-size per-chunk addend. At N = 8192, D = 4096: 256 MiB + 2 x 128 MiB, against eager's [N, V]
+  logits (2.3 GiB in bf16, plus its fp32 softmax copies).
 
 On CPU (tests) the epilogues run under the Triton interpreter (``TRITON_INTERPRET=1`` set before import) and
 the fp32-result GEMM is an fp32 matmul of the upcast operands: the same products (exact in fp32) and fp32

@@ -86,7 +86,9 @@ def _register(name: str, module: str):
     def bwd_impl(g_N: torch.Tensor, glse_N: torch.Tensor, h_ND: torch.Tensor, w_VD: torch.Tensor,
                  targets_N: torch.Tensor, lse_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K = _check_runtime(h_ND, targets_N[:0], w_VD.shape[0], module)
-        f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
+        def f32(x):
+            return x.to(torch.float32).contiguous()
+
         return K.lm_head_bwd(f32(g_N), f32(glse_N), h_ND, w_VD, targets_N, f32(lse_N))
 
     fwd_op = torch.library.custom_op(f"fasttrain::{name}", fwd_impl, mutates_args=())

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fasttrain.model.hf_checkpoint import save_hf_checkpoint
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
+from fasttrain.model.hf_checkpoint import save_hf_checkpoint
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "fasttrain" / "demo" / "model"
 DATA_DIR = Path(__file__).resolve().parents[2] / "fasttrain" / "demo" / "data"
