@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -40,45 +38,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import benchlib
 import torch
-
-# measure this checkout's code, not whatever fasttrain another environment has installed
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from fasttrain.data.templates import TEMPLATES, render_prompt
 from fasttrain.eval.evaluate import DEFAULT_PREFILL, load_problems
 from fasttrain.eval.generate import HFGenerator
 
-DEMO_TOKENIZER = REPO / "fasttrain" / "demo" / "model"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-DEFAULT_DATA = REPO / "fasttrain" / "demo" / "data" / "train.jsonl"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
-    max_positions: int = 32768
-    rope_theta: float = 1_000_000.0
-
-
-QWEN2_1_5B = ModelShape("qwen2-1.5b-shape", hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936)
-SMOKE = ModelShape("smoke", hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=1024, max_positions=2048)
-
-
-def qwen2_param_count(shape: ModelShape) -> int:
-    """Parameters of a tied-embedding Qwen2 of ``shape`` (q/k/v carry a bias, o_proj and the MLP do not)."""
-    head_dim = shape.hidden // shape.heads
-    kv = shape.kv_heads * head_dim
-    attn = (shape.hidden + 1) * shape.hidden + 2 * (shape.hidden + 1) * kv + shape.hidden * shape.hidden
-    block = attn + 3 * shape.hidden * shape.ffn + 2 * shape.hidden
-    return shape.vocab * shape.hidden + shape.layers * block + shape.hidden
+DEFAULT_DATA = benchlib.DEMO / "data" / "train.jsonl"
 
 
 @dataclass
@@ -96,34 +63,6 @@ class Row:
     peak_mem_gib: float | None    # torch.cuda.max_memory_allocated in the full calls, weights included (CUDA only)
 
 
-def build_model_dir(shape: ModelShape, out: Path, device: torch.device, dtype: torch.dtype, seed: int) -> int:
-    """Write a random-init Qwen2 model of ``shape`` + the demo tokenizer to ``out``; return the parameter count."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
-    tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
-    if len(tok) > shape.vocab:
-        raise ValueError(f"the demo tokenizer has {len(tok)} tokens, more than the model's vocab {shape.vocab}")
-    cfg = Qwen2Config(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, intermediate_size=shape.ffn, vocab_size=shape.vocab,
-                      tie_word_embeddings=True, max_position_embeddings=shape.max_positions,
-                      rope_theta=shape.rope_theta, rms_norm_eps=1e-6, bos_token_id=None,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    # initialised on the target device: a 1.5B random init on the CPU would take longer than the benchmark
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    if n_params != qwen2_param_count(shape):
-        raise RuntimeError(f"built {n_params} parameters, the {shape.name} shape has {qwen2_param_count(shape)}")
-    model.save_pretrained(out)
-    del model
-    for name in TOKENIZER_FILES:
-        shutil.copy(DEMO_TOKENIZER / name, out / name)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return n_params
-
-
 def load_prompts(path: Path, count: int, template: str, tokenizer) -> list[str]:
     """The first ``count`` distinct problems of ``path``, rendered as the eval renders them."""
     questions = list(dict.fromkeys(p.question for p in load_problems(path)))
@@ -132,18 +71,13 @@ def load_prompts(path: Path, count: int, template: str, tokenizer) -> list[str]:
     return [render_prompt(template, q, DEFAULT_PREFILL, tokenizer=tokenizer) for q in questions[:count]]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_generate(gen: HFGenerator, prompts: list[str], max_new_tokens: int) -> tuple[float, int, int]:
     """(wall seconds, generated tokens, prompt tokens) of one ``generate`` call, from ``gen.stats``'s counters."""
     before = (gen.stats.generated_tokens, gen.stats.prompt_tokens)
-    _sync(gen.device)
+    benchlib.sync(gen.device)
     t0 = time.perf_counter()
     gen.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0)
-    _sync(gen.device)
+    benchlib.sync(gen.device)
     dt = time.perf_counter() - t0
     return dt, gen.stats.generated_tokens - before[0], gen.stats.prompt_tokens - before[1]
 
@@ -160,15 +94,14 @@ def bench_batch(gen: HFGenerator, prompts: list[str], max_new_tokens: int, repea
         prefill.append(dt)
     full, peak = [], None
     for _ in range(repeats):
-        if gen.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(gen.device)
+        benchlib.reset_peak_memory(gen.device)
         dt, n_new, _ = timed_generate(gen, prompts, max_new_tokens)
         if n_new != b * max_new_tokens:
             raise RuntimeError(f"batch {b}: generated {n_new} tokens, expected {b} x {max_new_tokens} "
                                "(ignore_eos should force the full length)")
         full.append(dt)
-        if gen.device.type == "cuda":
-            peak = max(peak or 0.0, torch.cuda.max_memory_allocated(gen.device) / 2**30)
+        gib = benchlib.peak_memory_gib(gen.device)
+        peak = None if gib is None else max(peak or 0.0, gib)
     t_pre, t_full = statistics.median(prefill), statistics.median(full)
     t_dec = t_full - t_pre
     steps = max_new_tokens - 1
@@ -187,15 +120,12 @@ def _fmt_params(n: int) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'batch':>5} {'prompt tok':>10} {'width':>5} {'new':>4} {'prefill s':>9} {'prompt tok/s':>12} "
-            f"{'batch s':>8} {'gen tok/s':>9} {'decode tok/s':>12} {'ms/step':>7} {'peak GiB':>8}")
-    lines = [head]
-    for r in rows:
-        peak = f"{r.peak_mem_gib:8.2f}" if r.peak_mem_gib is not None else f"{'n/a':>8}"
-        lines.append(f"{r.batch:>5} {r.prompt_tokens_mean:>10.1f} {r.padded_width:>5} {r.new_tokens:>4} "
-                     f"{r.prefill_s:>9.3f} {r.prompt_tok_s:>12.0f} {r.batch_s:>8.2f} {r.gen_tok_s:>9.0f} "
-                     f"{r.decode_tok_s:>12.0f} {r.ms_per_step:>7.1f} {peak}")
-    return "\n".join(lines)
+    head = ["batch", "prompt tok", "width", "new", "prefill s", "prompt tok/s", "batch s", "gen tok/s",
+            "decode tok/s", "ms/step", "peak GiB"]
+    return benchlib.text_table([head] + [
+        [r.batch, f"{r.prompt_tokens_mean:.1f}", r.padded_width, r.new_tokens, f"{r.prefill_s:.3f}",
+         f"{r.prompt_tok_s:.0f}", f"{r.batch_s:.2f}", f"{r.gen_tok_s:.0f}", f"{r.decode_tok_s:.0f}",
+         f"{r.ms_per_step:.1f}", benchlib.fmt(r.peak_mem_gib, ".2f", "n/a")] for r in rows], right=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class Settings:
-    shape: ModelShape
+    shape: str  # benchlib.SHAPES
     batch_sizes: list[int]
     max_new_tokens: int
     repeats: int
@@ -243,7 +173,7 @@ def resolve(args) -> Settings:
             raise RuntimeError("no CUDA device: the full benchmark is for the GPU (use --smoke or --device cpu)")
         device = torch.device("cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what HFGenerator picks by default
-    return Settings(SMOKE if args.smoke else QWEN2_1_5B, batch_sizes, max_new, repeats, device, dtype)
+    return Settings("tiny" if args.smoke else "qwen2-1.5b", batch_sizes, max_new, repeats, device, dtype)
 
 
 def run(args) -> dict:
@@ -255,8 +185,8 @@ def run(args) -> dict:
         if model_dir is None:
             model_dir = Path(tmp) / "model"
             t0 = time.perf_counter()
-            n_params = build_model_dir(s.shape, model_dir, s.device, s.dtype, args.seed)
-            print(f"[bench_generate] random-init {s.shape.name} ({_fmt_params(n_params)} params) written in "
+            n_params = benchlib.write_random_model(model_dir, s.shape, args.seed, device=s.device, dtype=s.dtype)
+            print(f"[bench_generate] random-init {s.shape} ({_fmt_params(n_params)} params) written in "
                   f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
         t0 = time.perf_counter()
         gen = HFGenerator(str(model_dir), batch_size=max(s.batch_sizes), device=str(s.device), dtype=s.dtype,
@@ -265,10 +195,10 @@ def run(args) -> dict:
         prompts = load_prompts(args.data, max(s.batch_sizes), args.template, gen.tokenizer)
         rows = [bench_batch(gen, prompts[:b], s.max_new_tokens, s.repeats) for b in s.batch_sizes]
         meta = {
-            "model": s.shape.name if args.model_dir is None else str(args.model_dir),
-            "shape": asdict(s.shape) if args.model_dir is None else None,
+            "model": s.shape if args.model_dir is None else str(args.model_dir),
+            "shape": benchlib.SHAPES[s.shape] if args.model_dir is None else None,
             "params": n_params if n_params is not None else sum(p.numel() for p in gen.model.parameters()),
-            "device": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else platform.processor() or "cpu",
+            "device": benchlib.device_name(s.device),
             "dtype": str(s.dtype).replace("torch.", ""),
             "attn_implementation": getattr(gen.model.config, "_attn_implementation", None),
             "torch": torch.__version__, "transformers": transformers.__version__,

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
+import benchlib
 import torch
 
 V_DEFAULT = 152064
@@ -82,32 +81,19 @@ def bench_one(fn, h0, w0, t, g, warmup, reps):
 
     for _ in range(warmup):
         step()
-    if h.device.type != "cuda":  # --smoke on the CPU: wall-clock times, no memory accounting
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times), 0, 0, (logp_of(fn, h, w, t), h.grad, w.grad)
-    torch.cuda.synchronize()
-    h.grad = w.grad = None
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    grads = h.grad.numel() * h.grad.element_size() + w.grad.numel() * w.grad.element_size()
-    peak_extra = torch.cuda.max_memory_allocated() - base - grads
-    times = []
-    for _ in range(reps):
-        h.grad = w.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
+    peak_extra = grads = 0  # the CPU (--smoke): wall-clock times, no memory accounting
+    if h.is_cuda:
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times), peak_extra, grads, (logp_of(fn, h, w, t), h.grad, w.grad)
+        h.grad = w.grad = None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        grads = h.grad.numel() * h.grad.element_size() + w.grad.numel() * w.grad.element_size()
+        peak_extra = torch.cuda.max_memory_allocated() - base - grads
+    sec = benchlib.median_seconds(step, h.device, 0, reps)
+    return sec, peak_extra, grads, (logp_of(fn, h, w, t), h.grad, w.grad)
 
 
 def logp_of(fn, h, w, t):
@@ -153,47 +139,63 @@ def main(argv=None) -> int:
         if name not in impls and not name.startswith("liger"):
             raise SystemExit(f"unknown impl {name!r}; have {sorted(impls)}")
     names = [n for n in wanted if n in impls]
-    card = torch.cuda.get_device_name() if dev == "cuda" else "CPU (smoke)"
-    print(f"# {card}  torch {torch.__version__}  V={V} {str(dtype).removeprefix('torch.')}  "
+    print(f"# {benchlib.device_name(dev)}  torch {torch.__version__}  V={V} {str(dtype).removeprefix('torch.')}  "
           f"median of {args.reps} (warmup {args.warmup})")
     for note in notes:
         print(f"# {note}")
     print(f"{'N':>6} {'D':>5} {'impl':>8} {'ms':>9} {'TFLOP/s':>8} {'extra GiB':>9} {'x eager':>7} "
           f"{'mem/eager':>9} {'peak-in':>8} {'err':>8}")
-    summary = []
+    target = []
     for D in Ds:
         for N in Ns:
-            h, w, t, g = make_inputs(N, D, V, dtype, dev)
             flops = 8 * N * V * D
-            eager_row = None
-            # a fresh compile per shape (compiled during the warmup, not timed): dynamo's recompile limit (8)
-            # would otherwise turn the 9th shape of the grid into eager without saying so
-            torch._dynamo.reset()
-            # eager first: the ratios and errors of the others are against it
-            for name in sorted(names, key=lambda n: n != "eager"):
-                try:
-                    sec, extra, grads, outs = bench_one(impls[name], h, w, t, g, args.warmup, args.reps)
-                    if name == "eager":
-                        eager_row = (sec, extra, outs)
-                    speed = f"{eager_row[0] / sec:>7.2f}" if eager_row else f"{'-':>7}"
-                    mem = f"{extra / eager_row[1]:>9.3f}" if eager_row and eager_row[1] > 0 else f"{'-':>9}"
-                    err = f"{rel_err(outs, eager_row[2]):>8.1e}" if eager_row and name != "eager" else f"{'-':>8}"
-                    print(f"{N:>6} {D:>5} {name:>8} {sec * 1e3:>9.2f} {flops / sec / 1e12:>8.1f} "
-                          f"{extra / 2**30:>9.2f} {speed} {mem} {(extra + grads) / 2**30:>8.2f} {err}", flush=True)
-                    summary.append((N, D, name, flops / sec / 1e12, speed.strip(), mem.strip()))
-                    del outs
-                except torch.OutOfMemoryError:
-                    print(f"{N:>6} {D:>5} {name:>8} {'OOM':>9}", flush=True)
-                except Exception as e:  # noqa: BLE001 -- one broken impl must not end a (metered) GPU session
-                    print(f"{N:>6} {D:>5} {name:>8} {'FAILED':>9}  {type(e).__name__}: {str(e)[:80]}", flush=True)
-                torch.cuda.empty_cache()
-            del h, w, t, g, eager_row
-            torch.cuda.empty_cache()
-    target = [r for r in summary if r[0] == 8192 and r[1] == 4096 and r[2] in ("chunked", "triton")]
-    for _, _, name, tflops, speed, mem in target:
-        print(f"# target N=8192 D=4096 {name}: {tflops:.0f} TFLOP/s (>= 550), {speed}x eager (>= 2), "
-              f"extra memory {mem} of eager's (< 0.15)")
+            for r in bench_shape(impls, names, N, D, V, dtype, dev, args.warmup, args.reps):
+                if "note" in r:
+                    print(f"{N:>6} {D:>5} {r['name']:>8} {r['note']:>9}", flush=True)
+                    continue
+                print(f"{N:>6} {D:>5} {r['name']:>8} {r['sec'] * 1e3:>9.2f} {flops / r['sec'] / 1e12:>8.1f} "
+                      f"{r['extra'] / 2**30:>9.2f} {benchlib.fmt(r['x_eager'], '.2f', '-'):>7} "
+                      f"{benchlib.fmt(r['mem'], '.3f', '-'):>9} {(r['extra'] + r['grads']) / 2**30:>8.2f} "
+                      f"{benchlib.fmt(r['err'], '.1e', '-'):>8}", flush=True)
+                if (N, D) == (8192, 4096) and r["name"] in ("chunked", "triton"):
+                    target.append(f"# target N=8192 D=4096 {r['name']}: {flops / r['sec'] / 1e12:.0f} TFLOP/s "
+                                  f"(>= 550), {benchlib.fmt(r['x_eager'], '.2f', '-')}x eager (>= 2), extra memory "
+                                  f"{benchlib.fmt(r['mem'], '.3f', '-')} of eager's (< 0.15)")
+    for line in target:
+        print(line)
     return 0
+
+
+def bench_shape(impls: dict, names, N: int, D: int, V: int, dtype, dev: str, warmup: int, reps: int,
+                skip=lambda name: None):
+    """Each of ``names`` at one (N, D), eager first (the others' speed, memory and error are against it): dicts of
+    name, sec, extra, grads, x_eager, mem (extra / eager's), err (vs eager), or of name and note when it did not
+    run (``skip(name)``'s reason, OOM, FAILED: the error)."""
+    h, w, t, g = make_inputs(N, D, V, dtype, dev)
+    # a fresh compile per shape (compiled during the warmup, not timed): dynamo's recompile limit (8) would
+    # otherwise turn the 9th shape of the grid into eager without saying so
+    torch._dynamo.reset()
+    eager = None
+    for name in sorted(names, key=lambda n: n != "eager"):
+        note = skip(name)
+        if note:
+            yield {"name": name, "note": note}
+            continue
+        try:
+            sec, extra, grads, outs = bench_one(impls[name], h, w, t, g, warmup, reps)
+        except torch.OutOfMemoryError:
+            yield {"name": name, "note": "OOM"}
+            continue
+        except Exception as e:  # noqa: BLE001 -- one broken impl must not end a (metered) GPU session
+            yield {"name": name, "note": f"FAILED: {benchlib.first_line(e, 80)}"}
+            continue
+        if name == "eager":
+            eager = (sec, extra, outs)
+        yield {"name": name, "sec": sec, "extra": extra, "grads": grads, "x_eager": eager[0] / sec if eager else None,
+               "mem": extra / eager[1] if eager and eager[1] > 0 else None,
+               "err": rel_err(outs, eager[2]) if eager and name != "eager" else None}
+        del outs
+        torch.cuda.empty_cache()
 
 
 def sweep(args) -> int:
@@ -204,7 +206,7 @@ def sweep(args) -> int:
     N, D, V, dev = 8192, 4096, args.vocab, "cuda"
     h, w, t, g = make_inputs(N, D, V, torch.bfloat16, dev)
     flops = 8 * N * V * D
-    print(f"# sweep at N={N} D={D} V={V} bf16 on {torch.cuda.get_device_name()}")
+    print(f"# sweep at N={N} D={D} V={V} bf16 on {benchlib.device_name(dev)}")
     chunked_default = (lm_head_chunked.CHUNK_BYTES, dict(lm_head_chunked.GPU_EPILOGUE))
     for chunk_mib in (128, 256, 512, 1024):
         for block_n, block_c, warps in ((4, 1024, 4), (8, 1024, 8), (2, 2048, 4), (1, 4096, 8)):

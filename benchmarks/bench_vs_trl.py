@@ -1,5 +1,5 @@
-"""fasttrain vs TRL's DPOTrainer: same model, data, global batch, learning rate, beta and precision, one GPU,
-one invocation (issue 5).
+"""fasttrain vs TRL's DPOTrainer (DESIGN §7.6): same model, data, global batch, learning rate, beta and precision,
+one GPU, one invocation.
 
     python benchmarks/bench_vs_trl.py                                    # the H100 comparison: 2 + 16 steps
     python benchmarks/bench_vs_trl.py --variants trl_default,fasttrain_live   # a subset
@@ -11,82 +11,47 @@ What runs, in this order (``--variants`` picks a subset):
                        fp32 copy of the model, loaded by TRL itself)
   trl_precompute       the same with ``precompute_ref_log_probs=True`` (one reference pass before training)
   trl_bf16             bf16 weights (and so bf16 AdamW state), live reference: the low-memory way people run
-                       TRL; it drops lr-5e-7 updates (DESIGN §6), so it is a memory/speed reference point only
-  trl_liger            trl_default + ``use_liger_kernel=True`` (CUDA and liger-kernel only; otherwise it is
-                       reported as skipped with the reason, never an error). In TRL 1.16 this applies Liger's
-                       layer kernels (RMSNorm, SwiGLU, RoPE) only: DPOTrainer forces Liger's fused linear
-                       cross-entropy off, because it patches the model with its own chunked log-prob LM head
-                       (read from trl/trainer/dpo_trainer.py 1.16.0; every TRL variant has that head)
-  fasttrain_precompute fasttrain, ``loss.reference=precompute`` (fp32 master weights, bf16 compute)
-  fasttrain_live       fasttrain, ``loss.reference=live``
+                       TRL; it drops lr-5e-7 updates (DESIGN §6.3), so it is a memory/speed reference point only
+  trl_liger            trl_default + ``use_liger_kernel=True`` (CUDA and liger-kernel only; otherwise reported as
+                       skipped). In TRL 1.16 this applies Liger's layer kernels (RMSNorm, SwiGLU, RoPE) only:
+                       DPOTrainer forces Liger's fused linear cross-entropy off, because it patches the model with
+                       its own chunked log-prob LM head (trl/trainer/dpo_trainer.py 1.16.0; every TRL variant has it)
+  fasttrain_precompute the trainer itself (fasttrain.assembly.build_run, then its TrainLoop),
+                       ``loss.reference=precompute`` (fp32 master weights, bf16 compute)
+  fasttrain_live       the same, ``loss.reference=live``
 
-Every variant starts from the same initial weights: the model directory is written once (default: a random
-Qwen2-1.5B-shaped model — hidden 1536, 28 layers, 12 heads, 2 KV heads, FFN 8960, vocab 151936, tied
-embeddings — saved as bf16 safetensors, which every variant loads; fp32 variants upcast exactly), and each
-variant loads it afresh. By default each variant runs in its own Python process (``--worker``), so peak memory
-(``torch.cuda.max_memory_allocated``, reset at the start) is that variant's alone and no library state (Liger's
-patches, accelerate's singletons) leaks from one variant into the next. ``--in-process`` runs them in this
-process instead (fast start-up for the CPU smoke test).
+Weights: the model directory is written once (default: a random model of benchlib's qwen2-1.5b shape, bf16
+safetensors; fp32 variants upcast exactly) and each variant loads it afresh, in its own Python process
+(``--worker``), so that peak memory is its own and no library state (Liger's patches, accelerate's singletons)
+leaks into the next; ``--in-process`` runs them here instead (the CPU smoke test).
 
-Data. Step-DPO records (DESIGN §2): a file (``--data``: JSONL / JSON / Parquet) or synthetic ones (seeded), shaped
-as DESIGN §7 says: the templated prompt ~U[96, 512] tokens, chosen and rejected steps ~U[16, 128] each. Synthetic
-text is made of words that are single tokens of the tokenizer, so lengths in tokens are what was drawn; the
-measured means are printed. Every trainer gets the same token ids: the records are tokenized once by fasttrain
-(template ``--template``, prompt + step tokenized jointly and split at the prompt, left-truncated prompts,
-``max_length``) and TRL is handed those ids (``prompt_ids``/``chosen_ids``/``rejected_ids``) — its own
-preprocessing would tokenize the same way but append EOS to each step, which Step-DPO does not do (a step is not
-the end of an answer). ``--steps N`` (default 16) trains ``warmup + N`` optimizer steps on the first
-``(warmup + N) x global batch`` pairs, so that all six variants of the 1.5B model should fit one 10-minute device
-command (an estimate from the issue's TRL rates plus ~40 s of start-up, loading and TRL's model hashing per
-variant; not yet run on a GPU: split the variants over two commands if it is tight); ``--steps 0`` trains one
-epoch of all pairs (2048 synthetic ones by default).
+Data: Step-DPO records (DESIGN §2), a file (``--data``) or benchlib's synthetic records (DESIGN §7.5). fasttrain
+tokenizes them once and TRL is handed those ids (``prompt_ids``/``chosen_ids``/``rejected_ids``): its own
+preprocessing would append EOS to each step, which Step-DPO does not do. Every trainer trains ``warmup + --steps``
+optimizer steps on the first ``(warmup + steps) x global batch`` pairs (``--steps 0``: one epoch of all pairs).
+Six variants of the 1.5B model should fit one 10-minute device command (an estimate: not yet run on a GPU).
 
-Timing. The first ``--warmup-steps`` optimizer steps (default 2: CUDA/Triton/cuBLAS warm-up, allocator growth)
-are excluded; the clock starts at the end of the last warm-up step and stops at the end of the last step, each
-with a device synchronisation. Model loading, trainer construction, data preparation are never timed. The
-reference precompute pass (TRL's ``_precompute_ref_logps``, fasttrain's ``build_references``) is timed on its own,
-after one untimed forward of its first batch on each side (context, cuBLAS, Triton compilation), and reported
-separately; "amortised" pairs/s charges it to a recipe of ``--recipe-epochs`` epochs over the same
-data: ``1 / (1/r + t_pre / (n_pre * epochs))`` (r = steady pairs/s; live variants: amortised = r).
+Timing: the clock starts after ``--warmup-steps`` optimizer steps and stops after the last, each with a device
+synchronisation; loading, construction and data preparation are never timed. The reference precompute is timed
+alone, after one untimed forward of its first batch on each side, and "amortised" pairs/s charges it to
+``--recipe-epochs`` epochs: ``1 / (1/r + t_pre / (n_pre * epochs))`` (live variants: amortised = r).
 
-Metrics per variant:
-  pairs/s        pairs trained per second in the timed steps
-  seq tok/s      tokens of each pair's two sequences, prompt+chosen and prompt+rejected, no padding: defined the
-                 same way for every variant (identical token ids); each trainer draws its own order, so the
-                 timed steps hold different pairs, and tok/s corrects pairs/s for their lengths
-  proc tok/s     tokens the trainer actually ran through the model, no padding: TRL the two sequences, fasttrain
-                 its packed stream (the shared prompt once)
-  MFU            model FLOPs needed for the processed tokens / (time x the card's dense bf16 ceiling:
-                 ``--peak-tflops``, e.g. the one gpu_check.py measured on the card, else
-                 fasttrain.flops.peak_bf16_tflops's value for the card; each variant's settings name it as mfu_peak), with
-                 fasttrain's FlopModel (fasttrain/flops.py):
-                 6·P_blocks·tokens + 12·layers·(heads·head_dim)·attended_keys + 6·lm_rows·vocab·hidden, where
-                 tokens = processed tokens, attended_keys = causal keys per query summed (per sequence for TRL,
-                 per segment for fasttrain), lm_rows = rows predicting a step token (TRL 1.16's fused LM head
-                 computes exactly those too); a live reference adds the forward-only third. Not counted:
-                 padding, gradient-checkpointing recompute. TRL's second copy of each prompt is counted (it is
-                 processed work, though not needed work). n/a on a CPU.
-  peak GiB       torch.cuda.max_memory_allocated over the whole variant (precompute included); n/a on a CPU
-  first loss     the first optimizer step's mean pair loss; policy == reference there, so it must be ln 2 within
-                 ``--loss-tol`` (default 1e-3); "sane" also needs every logged loss and gradient norm finite
-  ratio          fasttrain pairs/s over each TRL variant's (steady, and amortised)
+Metrics: pairs/s; seq tok/s (each pair's prompt+chosen and prompt+rejected tokens, the same for every variant);
+proc tok/s (what the trainer ran: TRL both sequences, padded; fasttrain its packed stream, each prompt once);
+MFU (FlopModel FLOPs of the processed tokens, DESIGN §7.3, over ``--peak-tflops`` or the card's value, named in
+each variant's settings as mfu_peak; TRL's second copy of each prompt is counted, padding is not); peak GiB over
+the whole variant; first loss (policy == reference: ln 2 within ``--loss-tol``; "sane" also needs every logged
+loss and gradient norm finite); fasttrain / TRL ratios.
 
-TRL settings chosen (trl 1.16.0; every other DPOConfig/TrainingArguments field is TRL's default, e.g.
-optim=adamw_torch_fused (transformers 5; recorded per variant), weight_decay=0, max_grad_norm=1, sdpa attention, padded batches — ``padding_free=True``
-is refused by TRL 1.16 and falls back to padding):
-  per_device_train_batch_size=--batch, gradient_accumulation_steps=--grad-accum (global batch = fasttrain's
-  train.global_batch_pairs), learning_rate, beta, max_length as given; loss_type sigmoid (default);
-  lr_scheduler_type=cosine with warmup_steps=ceil(0.1 x steps) (fasttrain's schedule shape; throughput does not
-  depend on it); gradient_checkpointing=True (TRL's default; fasttrain checkpoints each block too);
-  bf16=True on CUDA (autocast over fp32 weights; False for fp32 precision on a CPU); logging_steps=1 (the first
-  step's loss is read from the log; TRL computes its logged metrics with host syncs every micro-batch anyway);
-  logging_nan_inf_filter=False (the default would hide a non-finite loss in the log); report_to=none,
-  save_strategy=no, eval_strategy=no, disable_tqdm=True; precompute_ref_batch_size unset (= batch).
-fasttrain settings: its config defaults (fasttrain/config.py: attention and LM-head backends "auto", activation
-checkpointing, ...) except global_batch_pairs = batch x grad_accum, lr, beta, max_length, max_prompt_length,
-compute dtype, epochs=1, warmup_ratio 0.1, log_every=1, tokens_per_micro_batch (--tokens-per-micro-batch); any
-other key with --fasttrain-set section.key=value. The optimizer and schedule are built as fasttrain/trainer.py
-builds them, and the steps run through its TrainLoop.
+TRL settings (trl 1.16.0; every other field is TRL's default, e.g. optim=adamw_torch_fused, weight_decay=0,
+max_grad_norm=1, sdpa attention, padded batches: ``padding_free=True`` is refused by TRL 1.16):
+per_device_train_batch_size=--batch, gradient_accumulation_steps=--grad-accum (global batch = fasttrain's
+train.global_batch_pairs), learning_rate, beta, max_length as given; lr_scheduler_type=cosine with
+warmup_steps=ceil(0.1 x steps) (fasttrain's shape); gradient_checkpointing=True; bf16=True on CUDA (autocast over
+fp32 weights); logging_steps=1; logging_nan_inf_filter=False (a non-finite loss must show); report_to=none,
+save_strategy=no, eval_strategy=no, disable_tqdm=True. fasttrain settings: its config defaults except the
+comparison's (global batch, lr, beta, lengths, compute dtype, epochs=1, warmup_ratio 0.1, log_every=1,
+--tokens-per-micro-batch); any other key with --fasttrain-set section.key=value.
 
 Wheels for the GPU machine (no network there): ``benchmarks/fetch_wheels.sh`` downloads trl, datasets,
 liger-kernel and the dependencies the device image lacks into ``.whl/`` and prints the install line.
@@ -112,14 +77,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# Run from a plain checkout (the GPU machine has no editable install): the package and its kernels.
-if importlib.util.find_spec("fasttrain") is None:
-    sys.path.insert(0, str(REPO))
-if importlib.util.find_spec("fasttrain_kernels") is None:
-    sys.path.insert(0, str(REPO / "kernels"))
+import benchlib
+import torch
 
-DEMO_TOKENIZER = REPO / "fasttrain" / "demo" / "model"
+REPO = benchlib.REPO
 TRL_VARIANTS = ("trl_default", "trl_precompute", "trl_bf16", "trl_liger")
 FASTTRAIN_VARIANTS = ("fasttrain_precompute", "fasttrain_live")
 ALL_VARIANTS = TRL_VARIANTS + FASTTRAIN_VARIANTS
@@ -129,6 +90,7 @@ PRECOMPUTE = {"trl_precompute", "fasttrain_precompute"}
 MEMORY_TARGET = {"fasttrain_live": "trl_default", "fasttrain_precompute": "trl_precompute"}
 TARGET_PAIRS_PER_S = 60.0
 TRL_VERSION = "1.16."  # the DPOTrainer internals the hooks below rely on (setup.py's bench extra pins it)
+VERSIONED = ("torch", "transformers", "trl", "datasets", "accelerate", "liger-kernel", "triton")
 
 
 class BenchError(Exception):
@@ -139,26 +101,10 @@ class BenchError(Exception):
 # What is benchmarked
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ModelShape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int | None  # None: the tokenizer's size
-    max_position: int = 32768
-    rope_theta: float = 1_000_000.0
-
-
-QWEN2_1_5B = ModelShape(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936)
-TINY = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=None, max_position=4096)
-
-
-@dataclass(frozen=True)
 class Preset:
     """Defaults for the flags the user did not give (the full benchmark, or --smoke)."""
 
-    shape: ModelShape
+    shape: str  # benchlib.SHAPES
     pairs: int
     batch: int
     grad_accum: int
@@ -171,9 +117,9 @@ class Preset:
     step_tokens: tuple[int, int]  # synthetic chosen / rejected step length, uniform [min, max]
 
 
-FULL = Preset(QWEN2_1_5B, pairs=2048, batch=8, grad_accum=2, max_length=1024, max_prompt_length=512,
+FULL = Preset("qwen2-1.5b", pairs=2048, batch=8, grad_accum=2, max_length=1024, max_prompt_length=512,
               tokens_per_micro_batch=8192, warmup_steps=2, steps=16, prompt_tokens=(96, 512), step_tokens=(16, 128))
-SMOKE = Preset(TINY, pairs=24, batch=4, grad_accum=2, max_length=128, max_prompt_length=96,
+SMOKE = Preset("tiny", pairs=24, batch=4, grad_accum=2, max_length=128, max_prompt_length=96,
                tokens_per_micro_batch=512, warmup_steps=1, steps=2, prompt_tokens=(40, 80), step_tokens=(4, 16))
 
 
@@ -237,10 +183,6 @@ class VariantResult:
     settings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
 
-    @staticmethod
-    def from_dict(d: dict) -> VariantResult:
-        return VariantResult(**d)
-
 
 @dataclass(frozen=True)
 class WorkCount:
@@ -254,33 +196,8 @@ class WorkCount:
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared helpers
+# What both sides share
 # ----------------------------------------------------------------------------------------------
-def device_sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "datasets", "accelerate", "liger-kernel", "triton"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def load_pairs(spec: BenchSpec, tokenizer):
     """fasttrain's tokenization of the data file, cut to the first ``spec.num_pairs`` pairs."""
     from fasttrain.data import TokenizedPairs, prepare_dataset
@@ -293,16 +210,9 @@ def load_pairs(spec: BenchSpec, tokenizer):
     return TokenizedPairs(data.prompts[:n], data.chosens[:n], data.rejecteds[:n], data.record_ids[:n], data.stats)
 
 
-def flop_model(spec: BenchSpec):
-    from fasttrain.flops import FlopModel
-    from fasttrain.model.config import ModelConfig
-
-    return FlopModel.of(ModelConfig.from_model_dir(spec.model_dir))
-
-
 def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed_s: float, device,
-                  losses: list[float], grad_norms: list[float], peak_bytes: int | None) -> VariantResult:
-    """Rates, MFU, peak memory and the loss sanity check from what a variant measured. ``peak_bytes``: peak
+                  losses: list[float], grad_norms: list[float], peak_gib: float | None) -> VariantResult:
+    """Rates, MFU, peak memory and the loss sanity check from what a variant measured. ``peak_gib``: peak
     allocated over the whole variant (model loading, reference precompute and training), CUDA only."""
     result.timed_steps, result.timed_pairs, result.timed_s = spec.timed_steps, work.pairs, timed_s
     result.pairs_per_s = work.pairs / timed_s
@@ -311,10 +221,10 @@ def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed
     if work.padded_tokens:
         result.padding_fraction = 1.0 - work.processed_tokens / work.padded_tokens
     if device.type == "cuda":
-        peak = mfu_peak(spec, device)
+        peak = benchlib.mfu_peak(device, spec.peak_tflops)
         result.mfu = work.flops / timed_s / (peak.tflops * 1e12) if peak.tflops else None
         result.settings["mfu_peak"] = f"{peak.tflops} TFLOP/s ({peak.source})"
-        result.peak_gib = peak_bytes / 2**30
+        result.peak_gib = peak_gib
     result.losses = losses
     result.first_loss = losses[0] if losses else None
     result.all_finite = bool(losses) and all(math.isfinite(x) for x in losses + grad_norms)
@@ -326,18 +236,7 @@ def finish_result(result: VariantResult, spec: BenchSpec, work: WorkCount, timed
     return result
 
 
-def mfu_peak(spec: BenchSpec, device):
-    """The card's dense bf16 ceiling for MFU: --peak-tflops, else fasttrain.flops' per-card value."""
-    import torch
-
-    from fasttrain.flops import PeakFlops, peak_bf16_tflops
-
-    if spec.peak_tflops:
-        return PeakFlops(spec.peak_tflops, "--peak-tflops")
-    return peak_bf16_tflops(torch.cuda.get_device_name(device))
-
-
-def skip_reason(name: str, spec: BenchSpec, device) -> str | None:
+def skip_reason(name: str, device) -> str | None:
     """Why a variant cannot run here (reported as skipped), or None."""
     if name in TRL_VARIANTS and importlib.util.find_spec("trl") is None:
         return "trl is not installed (pip install 'fasttrain[bench]', or benchmarks/fetch_wheels.sh on the GPU machine)"
@@ -384,7 +283,10 @@ def trl_work(spec: BenchSpec, batches: list[MicroBatchStats], live_reference: bo
     if len(timed) != spec.timed_steps * spec.grad_accum:
         raise RuntimeError(f"recorded {len(batches)} TRL micro-batches, expected "
                            f"{spec.total_steps * spec.grad_accum} ({spec.total_steps} steps x {spec.grad_accum})")
-    fm = flop_model(spec)
+    from fasttrain.flops import FlopModel
+    from fasttrain.model.config import ModelConfig
+
+    fm = FlopModel.of(ModelConfig.from_model_dir(spec.model_dir))
     pairs = seq_tokens = padded = 0
     flops = 0.0
     for mb in timed:
@@ -415,10 +317,10 @@ def make_trl_trainer_class():
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             self._warm_up_reference(dataset, batch_size)
-            device_sync(self.args.device)
+            benchlib.sync(self.args.device)
             t0 = time.perf_counter()
             out = super()._precompute_ref_logps(dataset, name, batch_size)
-            device_sync(self.args.device)
+            benchlib.sync(self.args.device)
             self.precompute_s += time.perf_counter() - t0
             return out
 
@@ -439,7 +341,7 @@ def make_trl_trainer_class():
             self.grad_norms: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            device_sync(self.device)
+            benchlib.sync(self.device)
             self.step_end.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -452,7 +354,6 @@ def make_trl_trainer_class():
 
 
 def run_trl(spec: BenchSpec, name: str) -> VariantResult:
-    import torch
     import transformers
     import trl
     from datasets import Dataset
@@ -464,11 +365,7 @@ def run_trl(spec: BenchSpec, name: str) -> VariantResult:
                          f"_precompute_ref_logps, compute_ref_log_probs); found trl {trl.__version__}")
     transformers.logging.set_verbosity_warning()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        # the allocator exists only once CUDA is initialised; resetting its stats before that raises
-        # ("Invalid device argument 0: did you call init?")
-        torch.cuda.init()
-        torch.cuda.reset_peak_memory_stats(device)
+    benchlib.reset_peak_memory(device)
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
     pairs = load_pairs(spec, tokenizer)
     dataset = Dataset.from_dict({
@@ -480,28 +377,14 @@ def run_trl(spec: BenchSpec, name: str) -> VariantResult:
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=weights_dtype)
     precompute = name in PRECOMPUTE
     args = DPOConfig(
-        output_dir=str(Path(spec.work_dir) / name / "trl_output"),
-        per_device_train_batch_size=spec.batch,
-        gradient_accumulation_steps=spec.grad_accum,
-        learning_rate=spec.lr,
-        beta=spec.beta,
-        max_length=spec.max_length,
-        num_train_epochs=1,
-        lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(0.1 * spec.total_steps),
-        gradient_checkpointing=True,
-        bf16=spec.precision == "bf16",
+        output_dir=str(Path(spec.work_dir) / name / "trl_output"), per_device_train_batch_size=spec.batch,
+        gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, beta=spec.beta,
+        max_length=spec.max_length, num_train_epochs=1, lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(0.1 * spec.total_steps), gradient_checkpointing=True, bf16=spec.precision == "bf16",
         use_cpu=device.type == "cpu",  # transformers refuses bf16 autocast on a CPU unless told so
-        precompute_ref_log_probs=precompute,
-        use_liger_kernel=name == "trl_liger",
-        logging_steps=1,
-        logging_nan_inf_filter=False,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        seed=spec.seed,
-    )
+        precompute_ref_log_probs=precompute, use_liger_kernel=name == "trl_liger", logging_steps=1,
+        logging_nan_inf_filter=False, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        seed=spec.seed)
     trainer_cls, clock_cls = make_trl_trainer_class()
     clock = clock_cls(device)
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
@@ -513,7 +396,7 @@ def run_trl(spec: BenchSpec, name: str) -> VariantResult:
     if len(clock.step_end) != spec.total_steps:
         raise RuntimeError(f"TRL ran {len(clock.step_end)} optimizer steps, expected {spec.total_steps}")
     timed_s = clock.step_end[-1] - clock.step_end[spec.warmup_steps - 1]
-    result = VariantResult(name, "ok", device=device_name(device), versions=package_versions())
+    result = VariantResult(name, "ok", device=benchlib.device_name(device), versions=benchlib.versions(*VERSIONED))
     if precompute:
         result.precompute_s, result.precompute_pairs = trainer.precompute_s, len(dataset)
     result.settings = {
@@ -524,8 +407,8 @@ def run_trl(spec: BenchSpec, name: str) -> VariantResult:
         "global_batch": spec.global_batch,
     }
     work = trl_work(spec, recorder.batches, live_reference=name in LIVE_REFERENCE)
-    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # never reset
-    result = finish_result(result, spec, work, timed_s, device, clock.losses, clock.grad_norms, peak_bytes)
+    peak = benchlib.peak_memory_gib(device)  # never reset
+    result = finish_result(result, spec, work, timed_s, device, clock.losses, clock.grad_norms, peak)
     del trainer, model
     return result
 
@@ -543,7 +426,6 @@ def fasttrain_config(spec: BenchSpec, reference: str, out_dir: Path):
         "model.compute_dtype": "bfloat16" if spec.precision == "bf16" else "float32",
         "data.train": spec.data_path, "data.template": spec.template, "data.max_length": spec.max_length,
         "data.max_prompt_length": spec.max_prompt_length,
-        "data.cache_dir": out_dir / "cache",  # fresh: the reference table is really computed
         "loss.beta": repr(spec.beta), "loss.reference": reference,
         "train.output_dir": out_dir, "train.epochs": 1, "train.global_batch_pairs": spec.global_batch,
         "train.tokens_per_micro_batch": spec.tokens_per_micro_batch, "train.lr": repr(spec.lr),
@@ -555,58 +437,10 @@ def fasttrain_config(spec: BenchSpec, reference: str, out_dir: Path):
     return cfg
 
 
-class StepRecorder:
-    """Stands in for fasttrain's MetricsLogger: keeps the rows and starts the clock, with a device
-    synchronisation, when the last warm-up step's row arrives (the loop syncs once per step anyway)."""
-
-    def __init__(self, device, warmup_steps: int):
-        self.device, self.warmup_steps = device, warmup_steps
-        self.rows: list[dict] = []
-        self.t_start: float | None = None
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        if len(self.rows) == self.warmup_steps:
-            device_sync(self.device)
-            self.t_start = time.perf_counter()
-
-    def close(self) -> None:
-        pass
-
-
-def fasttrain_work(spec: BenchSpec, plans, live_reference: bool) -> WorkCount:
-    """Re-pack the timed steps' micro-batches on the host to count their tokens and FLOPs exactly as the
-    trainer does (fasttrain/trainer.py run_micro_batch)."""
-    from fasttrain.packing import pack_groups
-
-    fm = flop_model(spec)
-    pairs = seq_tokens = processed = 0
-    flops = 0.0
-    for plan in plans[spec.warmup_steps:]:
-        for groups in plan.micro_batches[0]:  # one rank
-            batch = pack_groups(groups)
-            rows = int(batch.lp_rows_N.numel())
-            flops += fm.batch(batch.num_tokens, batch.num_attended_keys, rows, True)
-            if live_reference:
-                flops += fm.batch(batch.num_tokens, batch.num_attended_keys, rows, False)
-            processed += batch.num_tokens
-            for g in groups:
-                p = len(g.prompt_ids)
-                for pr in g.pairs:
-                    seq_tokens += 2 * p + len(g.continuations[pr.chosen]) + len(g.continuations[pr.rejected])
-                    pairs += 1
-    return WorkCount(pairs, seq_tokens, processed, flops)
-
-
-def warm_up_forward(model, data, spec: BenchSpec, device) -> None:
-    """One untimed no-grad pass over the precompute's first micro-batch (CUDA context, cuBLAS handles, Triton
-    compilation of the LM head), as TRL gets one: the timed precompute is then the steady pass."""
-    from fasttrain.assembly import groups_of
-    from fasttrain.reference_logps import compute_pair_logps
-    from fasttrain.plan import plan_inference
-
-    first = plan_inference(groups_of(data), 1, spec.tokens_per_micro_batch)[0][:1]
-    compute_pair_logps(model, first, len(data), device)
+def sequence_tokens(plans) -> int:
+    """Tokens of each planned pair's two sequences, prompt+chosen and prompt+rejected (one rank)."""
+    return sum(2 * len(g.prompt_ids) + len(g.continuations[pr.chosen]) + len(g.continuations[pr.rejected])
+               for plan in plans for groups in plan.micro_batches[0] for g in groups for pr in g.pairs)
 
 
 def show_fasttrain_log() -> None:
@@ -623,84 +457,46 @@ def show_fasttrain_log() -> None:
 
 
 def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
-    import torch
+    """The trainer itself: benchlib.build_run (fasttrain.assembly.build_run) on the first ``spec.num_pairs`` pairs,
+    then its TrainLoop, timed after the warm-up steps."""
     import torch.distributed as dist
 
     from fasttrain import distributed as fdist
-    from fasttrain.attention import resolve_backend
-    from fasttrain.assembly import (
-        build_references,
-        build_sharded_model,
-        groups_of,
-        load_tokenizer,
-    )
-    from fasttrain.faults import Faults
-    from fasttrain.flops import FlopModel
-    from fasttrain.reference_logps import model_fingerprint
-    from fasttrain.plan import plan_steps
-    from fasttrain.trainer import TrainLoop, build_optimizer
+    from fasttrain.assembly import groups_of, load_tokenizer
+    from fasttrain.model.hf_checkpoint import load_hf_weights
 
     reference = "precompute" if name in PRECOMPUTE else "live"
-    out_dir = Path(spec.work_dir) / name
-    cfg = fasttrain_config(spec, reference, out_dir)
+    cfg = fasttrain_config(spec, reference, Path(spec.work_dir) / name)
     owns_group = not dist.is_initialized()
     dist_info = fdist.init_distributed()
     try:
         if dist_info.world_size != 1:
             raise BenchError("the fasttrain variants run on one GPU: do not start this benchmark under torchrun")
         device = dist_info.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        backend = resolve_backend(cfg.model.attention_backend, device, getattr(torch, cfg.model.compute_dtype))
+        benchlib.reset_peak_memory(device)
         data = load_pairs(spec, load_tokenizer(spec.tokenizer_dir))
-        plans = plan_steps(groups_of(data), spec.global_batch, 1, spec.tokens_per_micro_batch, spec.seed, 1.0)
-        if len(plans) != spec.total_steps:
-            raise RuntimeError(f"fasttrain planned {len(plans)} steps, expected {spec.total_steps}")
-        model = build_sharded_model(cfg, dist_info, backend, trainable=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, scheduler = build_optimizer(cfg, params, total_steps=len(plans))
-        model_fp = model_fingerprint(spec.model_dir)
-
-        if reference == "precompute":
-            warm_up_forward(model, data, spec, device)
-        device_sync(device)
-        t0 = time.perf_counter()
-        refs = build_references(cfg, dist_info, backend, model, data, None, {}, model_fp)
-        device_sync(device)
-        precompute_s = time.perf_counter() - t0
-
-        recorder = StepRecorder(device, spec.warmup_steps)
-        loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, params, refs.train, FlopModel.of(model.config),
-                         recorder, Faults())
+        run, precompute_s = benchlib.build_run(cfg, dist_info, groups_of(data), spec.total_steps,
+                                               lambda model: load_hf_weights(model, spec.model_dir))
         # The loop resets CUDA's peak counter per log interval: the variant's peak is the larger of what came
         # before it (model building, precompute) and the loop's own training peak.
-        before_loop = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        loop.run(plans, len(plans), lambda step: {}, lambda step: None, lambda step: None)
-        device_sync(device)
-        t_end = time.perf_counter()
-        if recorder.t_start is None:
-            raise RuntimeError(f"only {len(recorder.rows)} steps logged (skipped: {loop.skipped_steps}); "
-                               f"the clock never started")
-
-        result = VariantResult(name, "ok", device=device_name(device), versions=package_versions())
+        before_loop = benchlib.peak_memory_gib(device)
+        timed, loop = benchlib.time_steps(run, spec.warmup_steps)
+        result = VariantResult(name, "ok", device=benchlib.device_name(device),
+                               versions=benchlib.versions(*VERSIONED))
         if reference == "precompute":
             result.precompute_s, result.precompute_pairs = precompute_s, len(data)
+        plans = run.inputs.plans
         result.settings = {
-            "master_weights": "float32", "reference": reference, "attention_backend": backend,
-            "lm_head_impl_resolved": getattr(model, "lm_head_impl", cfg.model.lm_head_impl),
-            "global_batch": spec.global_batch, "micro_batches_per_step": [p.num_micro_batches for p in plans],
-            "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
+            "master_weights": "float32", "reference": reference, "attention_backend": run.inputs.backend,
+            "lm_head_impl_resolved": run.inputs.lm_head, "global_batch": spec.global_batch,
+            "micro_batches_per_step": [p.num_micro_batches for p in plans],
+            "optimizer": type(run.optimizer).__name__ + (" (fused)" if run.optimizer.defaults.get("fused") else ""),
             "config": cfg.to_dict(),
         }
-        losses = [row["loss"] for row in recorder.rows]
-        grad_norms = [row["grad_norm"] for row in recorder.rows]
-        if loop.skipped_steps:  # a skipped (non-finite) step has no row: make the sanity check see it
-            losses.append(float("nan"))
-        work = fasttrain_work(spec, plans, live_reference=name in LIVE_REFERENCE)
-        peak_bytes = max(before_loop, loop.peak_memory.span_peak_bytes()) if device.type == "cuda" else None
-        result = finish_result(result, spec, work, t_end - recorder.t_start, device, losses, grad_norms,
-                               peak_bytes)
-        del loop, refs, optimizer, model
+        work = WorkCount(timed.pairs, sequence_tokens(plans[spec.warmup_steps:]), timed.tokens, timed.flops)
+        peak = max(before_loop, timed.peak_gib) if device.type == "cuda" else None
+        result = finish_result(result, spec, work, timed.seconds, device, timed.losses, timed.grad_norms, peak)
+        del loop, run
         return result
     finally:
         if owns_group:
@@ -711,10 +507,8 @@ def run_fasttrain(spec: BenchSpec, name: str) -> VariantResult:
 # Running variants (in this process or one worker process each)
 # ----------------------------------------------------------------------------------------------
 def run_variant(spec: BenchSpec, name: str) -> VariantResult:
-    import torch
-
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    reason = skip_reason(name, spec, device)
+    reason = skip_reason(name, device)
     if reason:
         return VariantResult(name, "skipped", reason=reason)
     try:
@@ -729,24 +523,15 @@ def run_variant(spec: BenchSpec, name: str) -> VariantResult:
             torch.cuda.empty_cache()
 
 
-# Nothing here may reach the network (the GPU machine has none: a hub lookup would only wait for a timeout);
-# TRL's precompute progress bar and tokenizer threads would only add noise.
-QUIET_OFFLINE_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                     "TQDM_DISABLE": "1"}
-
-
 def run_in_worker(spec_path: Path, name: str) -> VariantResult:
     result_path = spec_path.parent / f"result-{name}.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # each worker is its own one-rank run
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path),
            "--result", str(result_path)]
-    proc = subprocess.run(cmd, env=env, check=False)  # a failed worker is reported, not raised
+    proc = subprocess.run(cmd, env=benchlib.one_process_env(), check=False)  # a failed worker is reported
     if not result_path.is_file():
         return VariantResult(name, "failed", reason=f"worker exited with code {proc.returncode} and no result "
                                                     "(its output is above)")
-    return VariantResult.from_dict(json.loads(result_path.read_text()))
+    return VariantResult(**json.loads(result_path.read_text()))
 
 
 def worker_main(name: str, spec_path: str, result_path: str) -> int:
@@ -758,82 +543,8 @@ def worker_main(name: str, spec_path: str, result_path: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model and data preparation (this process, CPU only)
+# Reporting
 # ----------------------------------------------------------------------------------------------
-def write_random_model(out: Path, shape: ModelShape, tokenizer, seed: int) -> None:
-    """A Qwen2-architecture model with random weights (seeded), saved as bf16 safetensors + config.json +
-    the tokenizer, so every trainer loads the identical initial weights from disk."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    vocab = shape.vocab or len(tokenizer)
-    if len(tokenizer) > vocab:
-        raise BenchError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab {vocab}")
-    config = Qwen2Config(
-        vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.max_position, rope_theta=shape.rope_theta, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.02,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    del model
-    gc.collect()
-
-
-def single_token_words(tokenizer, seed: int, want: int = 2000) -> list[str]:
-    """Words ' abc' that the tokenizer encodes as exactly one token, so synthetic lengths are in tokens."""
-    import numpy as np
-
-    ids = np.random.default_rng(seed).permutation(len(tokenizer))
-    words: list[str] = []
-    for i in ids.tolist():
-        text = tokenizer.decode([i])
-        body = text[1:]
-        is_word = len(text) >= 3 and text[0] == " " and body.isascii() and body.isalpha()
-        if is_word and tokenizer.encode(text, add_special_tokens=False) == [i]:
-            words.append(text)
-            if len(words) >= want:
-                break
-    if len(words) < 50:
-        raise BenchError(f"the tokenizer has only {len(words)} single-token words (' abc'); synthetic data "
-                         "needs at least 50: pass --data")
-    return words
-
-
-def make_synthetic_records(tokenizer, template: str, n: int, prompt_tokens: tuple[int, int],
-                           step_tokens: tuple[int, int], seed: int) -> list[dict]:
-    """Step-DPO records whose templated prompt has ~U[prompt_tokens] tokens and whose chosen and
-    rejected steps have ~U[step_tokens] tokens each (DESIGN §7's shape)."""
-    import numpy as np
-
-    from fasttrain.data import render_prompt
-
-    words = single_token_words(tokenizer, seed)
-    rng = np.random.default_rng([seed, 1])
-    head, tail = "Let's think step by step.\nStep 1:", "\nStep 2:"
-    overhead = len(tokenizer.encode(render_prompt(template, "", head + tail, tokenizer), add_special_tokens=False))
-
-    def text(k: int) -> str:
-        return "".join(words[j] for j in rng.integers(0, len(words), size=k))
-
-    records = []
-    for i in range(n):
-        body = max(2, int(rng.integers(prompt_tokens[0], prompt_tokens[1] + 1)) - overhead)
-        problem = int(body * 0.6)
-        chosen = rejected = ""
-        while chosen == rejected:
-            chosen = text(int(rng.integers(step_tokens[0], step_tokens[1] + 1)))
-            rejected = text(int(rng.integers(step_tokens[0], step_tokens[1] + 1)))
-        records.append({"id": f"synthetic-{i}", "prompt": text(problem).lstrip(),
-                        "initial_reason_steps": head + text(body - problem) + tail,
-                        "chosen": chosen, "rejected": rejected})
-    return records
-
-
 @dataclass(frozen=True)
 class DataSummary:
     source: str
@@ -855,28 +566,22 @@ def summarize_data(spec: BenchSpec, source: str) -> DataSummary:
                        pairs.stats.summary())
 
 
-# ----------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------
-def _num(x: float | None, fmt: str) -> str:
-    return "n/a" if x is None else format(x, fmt)
+def results_table(results: list[VariantResult]) -> list[list[str]]:
+    rows = [["variant", "status", "pairs/s", "amort.", "seq tok/s", "proc tok/s", "MFU", "peak GiB", "pad",
+             "first loss", "sane", "precomp s"]]
+    def num(x, spec):
+        return benchlib.fmt(x, spec, "n/a")
 
-
-def results_table(results: list[VariantResult]) -> list[str]:
-    head = ["variant", "status", "pairs/s", "amort.", "seq tok/s", "proc tok/s", "MFU", "peak GiB", "pad",
-            "first loss", "sane", "precomp s"]
-    rows = [head]
     for r in results:
         if r.status != "ok":
             rows.append([r.name, f"{r.status}: {r.reason}"])  # a short row: printed as one line
             continue
         rows.append([
-            r.name, "ok", _num(r.pairs_per_s, ".2f"), _num(r.amortised_pairs_per_s, ".2f"),
-            _num(r.seq_tokens_per_s, ",.0f"), _num(r.processed_tokens_per_s, ",.0f"),
-            "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%", _num(r.peak_gib, ".1f"),
+            r.name, "ok", num(r.pairs_per_s, ".2f"), num(r.amortised_pairs_per_s, ".2f"),
+            num(r.seq_tokens_per_s, ",.0f"), num(r.processed_tokens_per_s, ",.0f"),
+            "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%", num(r.peak_gib, ".1f"),
             "–" if r.padding_fraction is None else f"{100 * r.padding_fraction:.0f}%",
-            _num(r.first_loss, ".4f"), "yes" if r.sane else "NO", _num(r.precompute_s, ".1f") if r.precompute_s
-            is not None else "–",
+            num(r.first_loss, ".4f"), "yes" if r.sane else "NO", benchlib.fmt(r.precompute_s, ".1f"),
         ])
     return rows
 
@@ -894,24 +599,6 @@ def ratio_table(results: list[VariantResult]) -> list[list[str]]:
     return rows
 
 
-def format_plain(rows: list[list[str]]) -> str:
-    full = [row for row in rows if len(row) == len(rows[0])]
-    widths = [max(len(row[0]) for row in rows)] + [max(len(row[i]) for row in full) for i in range(1, len(rows[0]))]
-    lines = []
-    for row in rows:
-        if len(row) < len(rows[0]):
-            lines.append("  ".join([row[0].ljust(widths[0])] + row[1:]))
-        else:
-            lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
-
-
-def format_markdown(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(row + [""] * (len(rows[0]) - len(row))) + " |" for row in rows[1:]]
-    return "\n".join(out)
-
-
 def target_lines(results: list[VariantResult]) -> list[str]:
     ok = {r.name: r for r in results if r.status == "ok"}
     lines = []
@@ -925,25 +612,14 @@ def target_lines(results: list[VariantResult]) -> list[str]:
     return lines
 
 
-def git_commit() -> str:
-    """Read-only: the checked-out commit and whether tracked files differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git checkout here)"
-
-
 def report_header(spec: BenchSpec, data: DataSummary, model_desc: str, results: list[VariantResult],
                   command: str) -> list[str]:
     first_ok = next((r for r in results if r.status == "ok"), None)
-    versions = first_ok.versions if first_ok else package_versions()
+    versions = first_ok.versions if first_ok else benchlib.versions(*VERSIONED)
     card = first_ok.device if first_ok else "?"
+    commit = benchlib.resolve_commit()
     return [
-        f"date {datetime.date.today().isoformat()}, card {card}, commit {git_commit()}",
+        f"date {datetime.date.today().isoformat()}, card {card}, commit {commit[0] if commit else 'unknown'}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"command: {command}",
         f"model: {model_desc}",
@@ -955,13 +631,10 @@ def report_header(spec: BenchSpec, data: DataSummary, model_desc: str, results: 
     ]
 
 
-FOOTNOTE = (
-    "pairs/s and tok/s over the timed steps; amort. = pairs/s with the reference precompute charged to the recipe's "
-    "epochs; seq tok/s counts prompt+chosen and prompt+rejected (no padding), proc tok/s what the trainer ran "
-    "(fasttrain: the prompt once); MFU = FlopModel FLOPs of the processed tokens (6*P_blocks*T + 12*L*H*d*keys + "
-    "6*step_rows*V*D, + forward-only third for a live reference) / (time x the card's bf16 ceiling, named in each "
-    "variant's settings as mfu_peak); pad = padding share of "
-    "TRL's batches; sane = all losses and grad norms finite and first loss = ln 2 within the tolerance.")
+FOOTNOTE = ("pairs/s and tok/s over the timed steps; amort. = pairs/s with the reference precompute charged to the "
+            "recipe's epochs; seq tok/s: prompt+chosen and prompt+rejected, proc tok/s: what the trainer ran; MFU: "
+            "FlopModel FLOPs of the processed tokens (DESIGN §7.3) / (time x the card's bf16 ceiling, each variant's "
+            "mfu_peak); pad = padding share of TRL's batches; sane = losses and grad norms finite, first loss ln 2.")
 
 
 def write_outputs(args, spec: BenchSpec, data: DataSummary, model_desc: str, results: list[VariantResult]) -> None:
@@ -969,9 +642,9 @@ def write_outputs(args, spec: BenchSpec, data: DataSummary, model_desc: str, res
     header = report_header(spec, data, model_desc, results, command)
     table, ratios = results_table(results), ratio_table(results)
     print("\n" + "\n".join(header))
-    print("\n" + format_plain(table))
+    print("\n" + benchlib.text_table(table, right=True))
     if ratios:
-        print("\n" + format_plain(ratios))
+        print("\n" + benchlib.text_table(ratios, right=True))
     for line in target_lines(results):
         print(line)
     print("\n" + FOOTNOTE)
@@ -980,9 +653,8 @@ def write_outputs(args, spec: BenchSpec, data: DataSummary, model_desc: str, res
             "header": header, "spec": dataclasses.asdict(spec), "data": dataclasses.asdict(data),
             "results": [dataclasses.asdict(r) for r in results]}, indent=2))
     if args.md_out:
-        md = ["### fasttrain vs TRL DPOTrainer", ""] + [f"- {line}" for line in header] + ["", format_markdown(table)]
-        if ratios:
-            md += ["", format_markdown(ratios)]
+        md = ["### fasttrain vs TRL DPOTrainer", ""] + [f"- {line}" for line in header]
+        md += ["", benchlib.markdown_table(table)] + (["", benchlib.markdown_table(ratios)] if ratios else [])
         md += [""] + [f"- {line}" for line in target_lines(results)] + ["", FOOTNOTE, ""]
         Path(args.md_out).write_text("\n".join(md))
 
@@ -990,16 +662,6 @@ def write_outputs(args, spec: BenchSpec, data: DataSummary, model_desc: str, res
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def _int_pair(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN,MAX (integers)") from None
-    if not 0 < lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < MIN <= MAX")
-    return lo, hi
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1008,8 +670,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="Step-DPO records (JSONL / JSON / Parquet); default: synthetic (DESIGN §7)")
     p.add_argument("--template", default="qwen2-boxed", help="fasttrain prompt template (default qwen2-boxed)")
     p.add_argument("--pairs", type=int, help="synthetic pairs to make (default 2048; smoke 24)")
-    p.add_argument("--prompt-tokens", type=_int_pair, help="synthetic templated prompt length MIN,MAX (96,512)")
-    p.add_argument("--step-tokens", type=_int_pair, help="synthetic step length MIN,MAX (16,128)")
+    p.add_argument("--prompt-tokens", type=benchlib.int_range,
+                   help="synthetic templated prompt length MIN,MAX (96,512)")
+    p.add_argument("--step-tokens", type=benchlib.int_range, help="synthetic step length MIN,MAX (16,128)")
     p.add_argument("--batch", type=int, help="pairs per micro-batch for TRL (default 8; smoke 4)")
     p.add_argument("--grad-accum", type=int, help="TRL's gradient accumulation (default 2); fasttrain's global batch "
                                                   "is batch x grad-accum pairs")
@@ -1028,9 +691,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a fasttrain config override for its variants, e.g. model.lm_head_impl=triton (repeatable)")
     p.add_argument("--recipe-epochs", type=float, default=4.0, help="epochs the precompute is amortised over")
     p.add_argument("--loss-tol", type=float, default=1e-3, help="|first loss - ln 2| allowed")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="MFU denominator in TFLOP/s, e.g. the ceiling measured on this card (default: "
-                        "fasttrain.flops.peak_bf16_tflops for the card)")
+    benchlib.add_peak_tflops_flag(p)
     p.add_argument("--smoke", action="store_true", help="tiny model and data (CPU: seconds)")
     p.add_argument("--in-process", action="store_true",
                    help="run every variant in this process (no isolation of peak memory / library state)")
@@ -1041,65 +702,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    preset = SMOKE if args.smoke else FULL
+    for f in dataclasses.fields(Preset)[1:]:  # the flags not given: the preset's (their names are the fields')
+        if getattr(args, f.name) is None:
+            setattr(args, f.name, getattr(preset, f.name))
+    return args
 
 
-def _pick(value, default):
-    return default if value is None else value
-
-
-@dataclass(frozen=True)
-class RunShape:
-    variants: list[str]
-    batch: int
-    grad_accum: int
-    warmup_steps: int
-    steps: int  # timed steps; 0: one epoch of all pairs
-    precision: str
-
-
-def resolve_run_shape(args, preset: Preset) -> RunShape:
-    import torch
-
+def check_args(args) -> None:
+    """Refuses bad flags before any work; resolves --variants (a list) and --precision."""
     from fasttrain.config import load_config
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ALL_VARIANTS]
-    if unknown or not variants:
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
+    if unknown or not args.variants:
         raise BenchError(f"--variants: unknown {unknown}; expected a comma list of {', '.join(ALL_VARIANTS)}")
-    batch, grad_accum = _pick(args.batch, preset.batch), _pick(args.grad_accum, preset.grad_accum)
-    warmup, steps = _pick(args.warmup_steps, preset.warmup_steps), _pick(args.steps, preset.steps)
-    if batch < 1 or grad_accum < 1 or warmup < 1 or steps < 0:
+    if args.batch < 1 or args.grad_accum < 1 or args.warmup_steps < 1 or args.steps < 0:
         raise BenchError("--batch, --grad-accum and --warmup-steps must be >= 1, --steps >= 0")
     load_config(None, list(args.fasttrain_set))  # a bad --fasttrain-set key fails here, before any work
-    precision = args.precision if args.precision != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    return RunShape(variants, batch, grad_accum, warmup, steps, precision)
+    if args.precision == "auto":
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def prepare_data(args, preset: Preset, tokenizer, work: Path) -> tuple[str, str, int]:
+def prepare_data(args, tokenizer, work: Path) -> tuple[str, str, int]:
     """(data file, description, usable pairs): the user's file, or synthetic records written to work/."""
     if args.data:
         from fasttrain.data import prepare_dataset
 
         data_path = str(Path(args.data).resolve())
-        available = len(prepare_dataset(data_path, tokenizer, args.template, _pick(args.max_length, preset.max_length),
-                                        _pick(args.max_prompt_length, preset.max_prompt_length)))
-        return data_path, args.data, available
-    n = _pick(args.pairs, preset.pairs)
-    records = make_synthetic_records(tokenizer, args.template, n, _pick(args.prompt_tokens, preset.prompt_tokens),
-                                     _pick(args.step_tokens, preset.step_tokens), args.seed)
+        return data_path, args.data, len(prepare_dataset(data_path, tokenizer, args.template, args.max_length,
+                                                         args.max_prompt_length))
+    lengths = benchlib.Lengths(args.prompt_tokens, args.step_tokens)
+    records = benchlib.synthetic_records(tokenizer, args.template, args.pairs, lengths, args.seed)
     data_path = work / "synthetic.jsonl"
     data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(data_path), f"synthetic, seed {args.seed}", n
+    return str(data_path), f"synthetic, seed {args.seed}", args.pairs
 
 
-def count_steps(shape: RunShape, available: int) -> int:
-    global_batch = shape.batch * shape.grad_accum
-    total = shape.warmup_steps + shape.steps if shape.steps else available // global_batch
-    if total * global_batch > available or total <= shape.warmup_steps:
-        wanted = f"--steps {shape.steps}" if shape.steps else "one epoch"
+def count_steps(args, available: int) -> int:
+    global_batch = args.batch * args.grad_accum
+    total = args.warmup_steps + args.steps if args.steps else available // global_batch
+    if total * global_batch > available or total <= args.warmup_steps:
+        wanted = f"--steps {args.steps}" if args.steps else "one epoch"
         raise BenchError(f"{available} pairs give {available // global_batch} steps of {global_batch} pairs; the "
-                         f"run needs {shape.warmup_steps} warm-up + at least one timed step ({wanted})")
+                         f"run needs {args.warmup_steps} warm-up + at least one timed step ({wanted})")
     return total
 
 
@@ -1112,53 +759,48 @@ def check_vocab(model_dir: str, tokenizer) -> None:
 
 
 def prepare(args, work: Path) -> tuple[BenchSpec, DataSummary, str]:
-    """Resolve the flags, write the data file and the model (unless given); nothing touches a GPU here.
+    """Check the flags, write the data file and the model (unless given); nothing touches a GPU here.
     Everything that can be checked is checked before the (1.5B: slow) model is written."""
     from transformers import AutoTokenizer
 
-    preset = SMOKE if args.smoke else FULL
-    shape = resolve_run_shape(args, preset)
+    check_args(args)
     if args.model:
         model_dir, tokenizer_dir = str(Path(args.model).resolve()), str(Path(args.tokenizer or args.model).resolve())
     else:
         model_dir = str(work / "model")
-        tokenizer_dir = str(Path(args.tokenizer).resolve()) if args.tokenizer else str(DEMO_TOKENIZER)
+        tokenizer_dir = str(Path(args.tokenizer or benchlib.DEMO_TOKENIZER).resolve())
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if args.model:
         check_vocab(model_dir, tokenizer)
-    data_path, source, available = prepare_data(args, preset, tokenizer, work)
-    total_steps = count_steps(shape, available)
+    data_path, source, available = prepare_data(args, tokenizer, work)
+    total_steps = count_steps(args, available)
     spec = BenchSpec(
         model_dir=model_dir, tokenizer_dir=model_dir if not args.model else tokenizer_dir, data_path=data_path,
-        template=args.template, num_pairs=total_steps * shape.batch * shape.grad_accum, batch=shape.batch,
-        grad_accum=shape.grad_accum, lr=args.lr, beta=args.beta, max_length=_pick(args.max_length, preset.max_length),
-        max_prompt_length=_pick(args.max_prompt_length, preset.max_prompt_length), warmup_steps=shape.warmup_steps,
-        total_steps=total_steps, precision=shape.precision, seed=args.seed,
-        tokens_per_micro_batch=_pick(args.tokens_per_micro_batch, preset.tokens_per_micro_batch),
+        template=args.template, num_pairs=total_steps * args.batch * args.grad_accum, batch=args.batch,
+        grad_accum=args.grad_accum, lr=args.lr, beta=args.beta, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, warmup_steps=args.warmup_steps, total_steps=total_steps,
+        precision=args.precision, seed=args.seed, tokens_per_micro_batch=args.tokens_per_micro_batch,
         fasttrain_overrides=list(args.fasttrain_set), recipe_epochs=args.recipe_epochs, loss_tol=args.loss_tol,
         work_dir=str(work), peak_tflops=args.peak_tflops,
     )
     fasttrain_config(spec, "precompute", work / "config-check")  # config errors now, before the model is written
     if args.model:
         return spec, summarize_data(spec, source), args.model
-    m = preset.shape
-    print(f"writing a random {m} model to {model_dir} ...", flush=True)
-    write_random_model(Path(model_dir), m, tokenizer, args.seed)  # with the tokenizer files: tokenizer_dir
-    desc = (f"random Qwen2 (hidden {m.hidden}, {m.layers} layers, {m.heads} heads, {m.kv_heads} KV heads, FFN {m.ffn}, "
-            f"vocab {m.vocab or len(tokenizer)}, tied), seed {args.seed}; tokenizer "
+    shape = SMOKE.shape if args.smoke else FULL.shape
+    print(f"writing a random {shape} model to {model_dir} ...", flush=True)
+    benchlib.write_random_model(Path(model_dir), shape, args.seed, tokenizer)  # with the tokenizer: tokenizer_dir
+    desc = (f"random {benchlib.describe_shape(shape)}, seed {args.seed}; tokenizer "
             f"{args.tokenizer or 'fasttrain demo (1024 tokens)'}")
     return spec, summarize_data(spec, source), desc
 
 
 def main(argv=None) -> int:
-    for key, value in QUIET_OFFLINE_ENV.items():
+    for key, value in benchlib.OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.spec, args.result)
-    from fasttrain.errors import ConfigError
-    from fasttrain.errors import DataError
-    from fasttrain.errors import UserError
+    from fasttrain.errors import ConfigError, DataError, UserError
 
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_vs_trl-"))
     if args.work_dir and work.exists() and any(work.iterdir()):
@@ -1168,14 +810,13 @@ def main(argv=None) -> int:
     try:
         try:
             spec, data, model_desc = prepare(args, work)
-        except (BenchError, ConfigError, DataError, UserError) as e:
+        except (BenchError, ConfigError, DataError, UserError, ValueError) as e:
             print(f"bench_vs_trl: error: {e}", file=sys.stderr)
             return 2
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         results = []
-        for name in variants:
+        for name in args.variants:
             print(f"\n=== {name} ({'in process' if args.in_process else 'worker process'}) ===", flush=True)
             result = run_variant(spec, name) if args.in_process else run_in_worker(spec_path, name)
             print(f"=== {name}: {result.status}"

@@ -61,7 +61,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import benchlib
+
+REPO = benchlib.REPO
 STAGES_FILE = Path(__file__).resolve().parent / "gpu_check_stages.py"
 OUT_FILES = ("gpu_check.md", "gpu_check.json", "gpu_check.log", "gpu_check_profile.txt")
 MAX_OUT_FILES = 8  # what the device returns from $OUT
@@ -187,11 +189,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def first_error_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
 def load_target(target: str):
     file, func = target.rsplit(":", 1)
     name = Path(file).stem
@@ -214,7 +211,7 @@ def child_main(target: str, result_path: str, context_path: str, deadline: float
 
         traceback.print_exc()
         sys.stdout.flush()
-        ctx.finish("failed", first_error_line(e))
+        ctx.finish("failed", benchlib.first_line(e))
         return 1
     ctx.finish()
     return 0 if ctx.result["status"] == "ok" else 1
@@ -253,17 +250,11 @@ def stage_budgets(stages, total_s: float, rehearsal: bool) -> list[float]:
 
 
 def child_env(rehearsal: bool) -> dict:
-    env = dict(os.environ)
-    # the device image has no fasttrain installed: the package and its kernels run from this tree
-    paths = [str(REPO), str(REPO / "kernels")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # every stage is its own one-process run
-    if rehearsal:
-        env["TRITON_INTERPRET"] = "1"  # before anything imports triton: the kernels run interpreted on the CPU
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even on a machine with a GPU
-    else:
+    """Every stage is its own one-process run of this tree (the device image has no fasttrain installed); the
+    rehearsal runs the kernels interpreted (TRITON_INTERPRET before anything imports triton) on the CPU even
+    on a machine with a GPU."""
+    env = benchlib.one_process_env(**({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""} if rehearsal else {}))
+    if not rehearsal:
         env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -360,14 +351,6 @@ def status_text(result: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def md_table(columns, rows) -> list[str]:
-    def cell(x):
-        return "–" if x is None else str(x).replace("|", "\\|").replace("\n", " ")
-
-    return (["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-            + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
-
-
 def summary_rows(results: list[dict]) -> list[list[str]]:
     """stage, short status, time, and the summary (or, for a stage that did not finish well, why)."""
     rows = []
@@ -397,20 +380,14 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
     env = next((r["data"] for r in results if r["key"] == "env" and r["status"] == "ok"), {})
     title = "CPU rehearsal" if meta["rehearsal"] else env.get("card", "GPU")
     md = [f"### gpu_check: {title}, {meta['date'][:10]}", ""] + header_lines(meta, results) + [""]
-    md += md_table(["stage", "status", "time / limit", "result"], summary_rows(results))
+    md += [benchlib.markdown_table([["stage", "status", "time / limit", "result"]] + summary_rows(results))]
     for r in results:
         md += ["", f"#### {r['title']}", "", f"status: {status_text(r)}"]
         for table in r.get("tables", []):
-            md += ["", f"{table['title']}:", ""] + md_table(table["columns"], table["rows"])
+            md += ["", f"{table['title']}:", "", benchlib.markdown_table([table["columns"]] + table["rows"])]
         if r.get("notes"):
             md += [""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(md) + "\n"
-
-
-def plain_table(columns, rows) -> str:
-    rows = [[("–" if c is None else str(c)) for c in row] for row in [columns] + rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns) - 1)]  # the last column runs free
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
 def write_report(out: Path, meta: dict, results: list[dict]) -> None:
@@ -437,26 +414,6 @@ def check_out_dir(out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def resolve_commit(arg: str | None) -> tuple[str, str] | None:
-    """(commit, where it came from), or None when nothing names it."""
-    if arg:
-        return arg, "--commit"
-    file = REPO / "benchmarks" / "COMMIT"
-    if file.is_file() and file.read_text().strip():
-        return file.read_text().strip(), "benchmarks/COMMIT"
-    if (REPO / ".git").exists() and shutil.which("git"):
-        def git(*a):
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-        try:
-            head = git("rev-parse", "--short", "HEAD")
-            dirty = git("status", "--porcelain", "--untracked-files=no")
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return head + ("+uncommitted" if dirty else ""), "git"
-    return None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -489,7 +446,7 @@ def main(argv=None) -> int:
             print(f"gpu_check: unknown stage(s) {unknown}; have {[s.key for s in STAGES]}", file=sys.stderr)
             return 2
         stages = [s for s in STAGES if s.key in wanted]
-    commit = resolve_commit(args.commit)
+    commit = benchlib.resolve_commit(args.commit)
     if commit is None:
         print("gpu_check: no commit: pass --commit HASH or write it to benchmarks/COMMIT (no .git travels to the "
               "device)", file=sys.stderr)
@@ -537,7 +494,7 @@ def main(argv=None) -> int:
         if rehearsal and commit[1] == "git":
             log.say(f"== on the device (no git there): python3 benchmarks/gpu_check.py --out $OUT --commit {commit[0]}"
                     + ("   (carry .whl)" if (REPO / ".whl").is_dir() else ""))
-        log.say(plain_table(["stage", "status", "time / limit", "result"], summary_rows(results)))
+        log.say(benchlib.text_table([["stage", "status", "time / limit", "result"]] + summary_rows(results)))
         log.say(f"== {'all stages ok or skipped' if not bad else 'failed or timed out: ' + ', '.join(bad)}")
         return 1 if bad else 0
     finally:

@@ -5,6 +5,7 @@ check fails the stage once it has run to the end), ``ctx.skip(reason)``, ``ctx.t
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -12,84 +13,34 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import benchlib
+import torch
+from benchlib import GIB, first_line, fmt, pct
+
+REPO = benchlib.REPO
 # benchmarks/ and tests/ are not packages: their modules are imported by name (tests/ last: its helpers'
 # names, e.g. "weights", must not shadow anything installed)
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.append(str(REPO / "tests"))
 WHEEL_TARGET = Path("/tmp/fasttrain-wheels")
 LN2 = math.log(2)
-GIB = 2**30
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
 def get_device(ctx):
-    import torch
-
     if ctx.rehearsal:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device in this stage's process (torch.cuda.is_available() is False)")
     return torch.device("cuda", 0)
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_op(fn, device, warmup: int, reps: int) -> float:
-    """Median seconds of ``fn()`` (CUDA events on a GPU, wall clock on the CPU)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def version_of(module: str) -> str:
-    try:
-        return getattr(importlib.import_module(module), "__version__", "?")
-    except Exception as e:  # noqa: BLE001 -- a broken install is reported, not raised
-        return f"not importable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def fmt(x, spec: str = ".3g", none: str = "–") -> str:
-    return none if x is None else format(x, spec)
-
-
-def pct(fraction: float | None) -> str:
-    return "–" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def peak_args(ctx) -> list[str]:
@@ -141,32 +92,25 @@ def driver_version() -> str:
 
 def time_gemm(dev, n: int, reps: int) -> float:
     """Median seconds of an n x n x n bf16 matmul on random data (3 warm-ups)."""
-    import torch
-
     a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
     c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
-    return time_op(lambda: torch.matmul(a, b, out=c), dev, 3, reps)
+    return benchlib.median_seconds(lambda: torch.matmul(a, b, out=c), dev, 3, reps)
 
 
 def time_copy(dev, nbytes: int, reps: int) -> float:
     """Median seconds of copying an ``nbytes`` tensor into another on the device (3 warm-ups)."""
-    import torch
-
     src = torch.empty(nbytes // 2, device=dev, dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
-    return time_op(lambda: dst.copy_(src), dev, 3, reps)
+    return benchlib.median_seconds(lambda: dst.copy_(src), dev, 3, reps)
 
 
 def stage_env(ctx) -> None:
-    import torch
-
     from fasttrain.flops import peak_bf16_tflops
 
     dev = get_device(ctx)
     versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "CUDA (torch build)": torch.version.cuda or "none (CPU build)", "triton": version_of("triton"),
-                "transformers": version_of("transformers"), "numpy": version_of("numpy"),
-                "flash_attn": version_of("flash_attn")}
+                "CUDA (torch build)": torch.version.cuda or "none (CPU build)",
+                **benchlib.versions("triton", "transformers", "numpy", "flash-attn", check_import=True)}
     table = ctx.table("software", ["package", "version"])
     for name, v in versions.items():
         table.add(name, v)
@@ -178,7 +122,7 @@ def stage_env(ctx) -> None:
                      "multiprocessors": props.multi_processor_count,
                      "compute capability": f"{props.major}.{props.minor}", "driver": driver_version()}
     else:
-        card = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        card = benchlib.device_name(dev)
         card_info = {"card": card, "driver": "none (CPU rehearsal)"}
     card_info["commit"] = ctx.context["commit"]
     table = ctx.table("machine", ["what", "value"])
@@ -242,8 +186,6 @@ def timed(what: str, fn, *args):
 
 def available_backend(backend: str, dev) -> str | None:
     """None when the attention backend runs here in bf16, else why not."""
-    import torch
-
     from fasttrain.attention import resolve_backend
 
     if backend == "reference":
@@ -259,9 +201,8 @@ def check_attention(ctx, dev, stop_at: float) -> str:
     """tests/test_attention_gpu.py's cases: varlen_attention on packed prefix-shared batches, forward and
     backward, against the dense float64 truth; its tolerance rule (FACTOR x the bf16 dense reference's own
     error + FLOOR x max|truth|). The cells are error / bf16-reference error."""
-    import torch
-
     import test_attention_gpu as T
+
     from fasttrain.attention import varlen_attention
 
     backends = GPU_ATTENTION_BACKENDS
@@ -288,9 +229,9 @@ def check_attention(ctx, dev, stop_at: float) -> str:
             attn = batch.attn.to(T.DEVICE)
             seqs = T.unshared_sequences(layout)
             x = T.make_inputs(batch.num_tokens, gqa, hd, seed=zlib.crc32(f"{layout.name}/{gqa}/{hd}".encode()))
-            truth = T.forward_backward(lambda q, k, v: T.dense_attention(q, k, v, seqs), x.to(torch.float64))
-            baseline = T.forward_backward(lambda q, k, v: T.dense_attention(q, k, v, seqs), x)
-            tested = T.forward_backward(lambda q, k, v: varlen_attention(q, k, v, attn, backend), x)
+            dense = functools.partial(T.dense_attention, seqs=seqs)
+            truth, baseline = T.forward_backward(dense, x.to(torch.float64)), T.forward_backward(dense, x)
+            tested = T.forward_backward(functools.partial(varlen_attention, attn=attn, backend=backend), x)
             ratios, ok = [], True
             for name in ("out", "dq", "dk", "dv"):
                 err = (tested[name].double() - truth[name]).abs().max().item()
@@ -307,10 +248,7 @@ def check_attention(ctx, dev, stop_at: float) -> str:
 def check_lm_head(ctx, dev) -> str:
     """tests/test_lm_head_kernel.py's rule at the real size: each kernel's logp / dh / dW error against float64
     within FACTOR x the plain reference's error in the same dtype (+ a few ulps)."""
-    import torch
-
     import test_lm_head_kernel as K
-
     if ctx.rehearsal:  # the interpreter: tiny, fp32 and fp16 (its bf16 tl.dot is broken)
         (N, D, V), dtypes = (37, 48, 203), (torch.float32, torch.float16)
         problem = K.interpreter_problem()
@@ -385,8 +323,6 @@ def check_whole_model(ctx, dev) -> str:
 # 2. LM-head benchmark
 # ----------------------------------------------------------------------------------------------
 def stage_lm_head(ctx) -> None:
-    import torch
-
     ensure_wheels(ctx)  # Liger's row needs liger-kernel
     import bench_logprob as B
 
@@ -405,43 +341,28 @@ def stage_lm_head(ctx) -> None:
                       f"minus inputs and dh/dW; err = max relative error vs eager (logp, dh, dW); compile backend "
                       f"{compile_backend}",
                       ["N", "D", "impl", "ms", "TFLOP/s", "% of ceiling", "extra GiB", "x eager", "err", "note"])
+    def skip(name: str) -> str | None:
+        if name not in impls:  # make_impls said why (liger: not importable)
+            return next((n for n in notes if n.startswith(name)), "not available")
+        need = 30 if name == "compile" and not ctx.rehearsal else 5  # inductor builds the kernels first
+        return f"skipped: {ctx.time_left():.0f} s of the stage budget left" if ctx.time_left() < need else None
+
     best = {}
     for N, D in shapes:
-        torch._dynamo.reset()  # a fresh compile per shape, as bench_logprob does
-        h, w, t, g = B.make_inputs(N, D, V, dtype, dev.type)
-        eager = None
-        for name in ("eager", "chunked", "triton", "liger", "compile"):
-            blank = ("–",) * 6
-            if name not in impls:  # make_impls said why (liger: not importable)
-                table.add(N, D, name, *blank, next((n for n in notes if n.startswith(name)), "not available"))
+        names = ("eager", "chunked", "triton", "liger", "compile")
+        for r in B.bench_shape(impls, names, N, D, V, dtype, dev.type, warmup, reps, skip):
+            name = r["name"]
+            if "note" in r:
+                table.add(N, D, name, *("–",) * 6, r["note"])
+                ctx.check(not (r["note"] == "OOM" and name in ("chunked", "triton")) and "FAILED" not in r["note"],
+                          f"LM head {name} at N={N} D={D}: {r['note']}")
                 continue
-            need = 30 if name == "compile" and not ctx.rehearsal else 5  # inductor builds the kernels first
-            if ctx.time_left() < need:
-                table.add(N, D, name, *blank, f"skipped: {ctx.time_left():.0f} s of the stage budget left")
-                continue
-            try:
-                sec, extra, _, outs = B.bench_one(impls[name], h, w, t, g, warmup, reps)
-            except torch.OutOfMemoryError:
-                table.add(N, D, name, *blank, "OOM")
-                ctx.check(name not in ("chunked", "triton"), f"LM head {name} at N={N} D={D}: out of memory")
-                continue
-            except Exception as e:  # noqa: BLE001 -- one broken implementation must not end the stage
-                table.add(N, D, name, *blank, f"FAILED: {first_line(e)}")
-                ctx.check(False, f"LM head {name} at N={N} D={D}: {first_line(e)}")
-                continue
-            tflops = 6 * N * V * D / sec / 1e12
-            if name == "eager":
-                eager = (sec, outs)
-            on_gpu = dev.type == "cuda"
-            table.add(N, D, name, f"{sec * 1e3:.2f}", f"{tflops:.1f}",
-                      f"{100 * tflops / peak:.0f}%" if peak else "–", f"{extra / GIB:.2f}" if on_gpu else "–",
-                      f"{eager[0] / sec:.2f}" if eager else "–",
-                      f"{B.rel_err(outs, eager[1]):.1e}" if eager and name != "eager" else "–", "")
+            tflops = 6 * N * V * D / r["sec"] / 1e12
+            table.add(N, D, name, f"{r['sec'] * 1e3:.2f}", f"{tflops:.1f}",
+                      f"{100 * tflops / peak:.0f}%" if peak else "–",
+                      f"{r['extra'] / GIB:.2f}" if dev.type == "cuda" else "–", fmt(r["x_eager"], ".2f"),
+                      fmt(r["err"], ".1e"), "")
             best.setdefault((N, D), []).append((tflops, name))
-            del outs
-            if on_gpu:
-                torch.cuda.empty_cache()
-        del h, w, t, g, eager
     ctx.summary("; ".join(f"{N}x{D}: " + ", ".join(f"{n} {tf:.3g}" for tf, n in sorted(v, reverse=True)[:3])
                           + " TFLOP/s" for (N, D), v in best.items()))
 
@@ -499,7 +420,7 @@ def stage_step_1p5b(ctx) -> None:
 def stage_step_8b(ctx) -> None:
     import bench_step
 
-    shape = bench_step.SHAPES["llama3-8b"]
+    shape = benchlib.SHAPES["llama3-8b"]
     fits = ctx.table("Llama-3-8B layers that fit one card (bench_step.auto_layers estimate: precomputed reference, "
                      "checkpointing on, 8192 tokens/micro-batch)", ["card memory", "layers of 32"])
     for label, gib in (("80 GB (H100): 79.6 GiB", 79.6), ("141 GB (H200): 139.8 GiB", 139.8)):
@@ -509,8 +430,6 @@ def stage_step_8b(ctx) -> None:
         argv = ["--shape", "tiny-llama", "--global-batch-pairs", "4", "--tokens-per-micro-batch", "2048",
                 "--warmup", "1", "--steps", "1", "--lengths", "smoke"]
     else:
-        import torch
-
         total = torch.cuda.get_device_properties(0).total_memory
         layers = bench_step.auto_layers(shape, False, True, 8192, total)
         argv = ["--shape", "llama3-8b", "--warmup", "1", "--steps", "2"]
@@ -627,7 +546,6 @@ def check_export(final: Path) -> str:
     """'finite logits' when the exported HF checkpoint loads in transformers and runs; else what is wrong."""
     if not (final / "config.json").is_file() or not list(final.glob("*.safetensors")):
         return f"no config.json / *.safetensors in {final.name}/"
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(final)

@@ -33,8 +33,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would hand back kernels that cannot compile
     sys.exit("kernel_resources.py compiles the kernels: run it without TRITON_INTERPRET=1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-
+import benchlib  # noqa: E402, F401 -- imported for its effect: this checkout's kernels first on sys.path
 import torch  # noqa: E402
 import triton  # noqa: E402
 

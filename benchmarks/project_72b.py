@@ -47,14 +47,12 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import benchlib
 import torch
 
 from fasttrain.attention import resolve_backend
@@ -62,39 +60,22 @@ from fasttrain.flops import FlopModel, peak_bf16_tflops
 from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.model.decoder import DecoderLayer
 from fasttrain.model.rope import inv_freq, rope_cos_sin
-from fasttrain.packing import PackedBatch, build_groups, pack_groups
+from fasttrain.packing import PackedBatch, pack_groups
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "fasttrain" / "configs" / "stepdpo_qwen2_72b.yaml"
+DEFAULT_CONFIG = benchlib.REPO / "fasttrain" / "configs" / "stepdpo_qwen2_72b.yaml"
 OFFICIAL_HOURS = 20.0  # the official recipe's wall time for Qwen2-72B on 8 x A100 (issue 5)
 TARGET_HOURS = 1.0  # issue 5's target on 8 x H100
-GIB = 2.0**30
+GIB = float(benchlib.GIB)
 # The projection's target card (8 / 32 x H100 SXM): its measured dense bf16 ceiling, for the TFLOP/s legend
 H100_BF16_TFLOPS = peak_bf16_tflops("NVIDIA H100 80GB HBM3").tflops
-
-# Qwen2-72B's config.json (the fields the decoder reads). eps and rope do not change the cost.
-QWEN2_72B = {
-    "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
-    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
-}
-# --smoke: prompts U[16, 48] and steps U[4, 12] tokens (48 per pair, 16 LM rows), 256-token micro-batches, so
-# 8 GPUs get 3 micro-batches per step (a reduce-scatter after each) and 32 GPUs one.
+# --smoke: benchlib's tiny shape, prompts U[16, 48] and steps U[4, 12] tokens (48 per pair, 16 LM rows),
+# 256-token micro-batches, so 8 GPUs get 3 micro-batches per step (a reduce-scatter after each) and 32 GPUs one.
 SMOKE_BUDGET = 256
 SMOKE_PAIR = (48.0, 16.0)
-# --smoke: small enough that two layers run forward + backward on a 2-core CPU in well under a second.
-SMOKE = {
-    "model_type": "qwen2", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "tie_word_embeddings": False,
-}
 
 
-# ==============================================================================================
-# Model shape
-# ==============================================================================================
 @dataclass(frozen=True)
-class ModelShape:
+class ParamCounts:
     layers: int
     params_total: int
     params_layer: int  # one decoder block
@@ -103,13 +84,13 @@ class ModelShape:
     vocab: int
 
     @staticmethod
-    def of(cfg: ModelConfig) -> ModelShape:
+    def of(cfg: ModelConfig) -> ParamCounts:
         total = num_params(cfg)
         blocks = num_params(cfg, include_embeddings=False) - cfg.hidden_size  # minus the final norm
         if blocks % cfg.num_hidden_layers:
             raise ValueError(f"{blocks} block parameters do not split over {cfg.num_hidden_layers} layers")
         per_layer = blocks // cfg.num_hidden_layers
-        return ModelShape(cfg.num_hidden_layers, total, per_layer, total - blocks, cfg.hidden_size, cfg.vocab_size)
+        return ParamCounts(cfg.num_hidden_layers, total, per_layer, total - blocks, cfg.hidden_size, cfg.vocab_size)
 
 
 # ==============================================================================================
@@ -280,7 +261,7 @@ STATE_ON_GPU = "fp32 master + grads + AdamW m, v (16 B/param / GPUs)"
 STATE_ON_HOST = "fp32 master + grads + AdamW m, v: in host memory (CPU offload)"
 
 
-def memory_plan(shape: ModelShape, c: Cluster, mb: _Micro, offload: bool) -> MemoryPlan:
+def memory_plan(shape: ParamCounts, c: Cluster, mb: _Micro, offload: bool) -> MemoryPlan:
     P, Pl, Pr, N = shape.params_total, shape.params_layer, shape.params_root, c.n_gpus
     state = 0.0 if offload else 16.0 * P / N
     items = {
@@ -301,7 +282,7 @@ def memory_plan(shape: ModelShape, c: Cluster, mb: _Micro, offload: bool) -> Mem
     return MemoryPlan(items, max(during_bwd, end_of_bwd) + reserve, c.card_gib * GIB, host)
 
 
-def _transfers(shape: ModelShape, c: Cluster, offload: bool) -> dict[str, float]:
+def _transfers(shape: ParamCounts, c: Cluster, offload: bool) -> dict[str, float]:
     """Seconds per block (and for the root) of each transfer."""
     pcie = c.pcie_gbps * 1e9
     per = {}
@@ -313,7 +294,7 @@ def _transfers(shape: ModelShape, c: Cluster, offload: bool) -> dict[str, float]
     return per
 
 
-def micro_batch_s(shape: ModelShape, mb: _Micro, x: dict[str, float]) -> tuple[float, float]:
+def micro_batch_s(shape: ParamCounts, mb: _Micro, x: dict[str, float]) -> tuple[float, float]:
     """(wall, compute) seconds of one training micro-batch under the overlap model (module docstring); the
     trainer reduce-scatters gradients after every micro-batch."""
     L = shape.layers
@@ -327,7 +308,7 @@ def micro_batch_s(shape: ModelShape, mb: _Micro, x: dict[str, float]) -> tuple[f
     return fwd + bwd + mb.lm_train, compute
 
 
-def reference_pass_s(shape: ModelShape, m: Measured, c: Cluster, r: Recipe, x: dict[str, float]) -> float:
+def reference_pass_s(shape: ParamCounts, m: Measured, c: Cluster, r: Recipe, x: dict[str, float]) -> float:
     """Forward-only over every pair once, at the token budget, gathering every block once per micro-batch."""
     tokens_gpu = r.pairs * r.tokens_per_pair / c.n_gpus
     n_micro = math.ceil(tokens_gpu / r.token_budget)
@@ -346,7 +327,7 @@ def _micro_geometry(r: Recipe, c: Cluster) -> tuple[int, float]:
     return n_micro, tokens_gpu / n_micro
 
 
-def plan_memory(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro) -> tuple[bool, MemoryPlan, list[str]]:
+def plan_memory(shape: ParamCounts, c: Cluster, s: Strategy, mb: _Micro) -> tuple[bool, MemoryPlan, list[str]]:
     """(offload, memory plan, notes): CPU offload when asked, or (auto) when the plan does not fit the card."""
     if s.offload not in ("auto", "on", "off"):
         raise ValueError(f"offload {s.offload!r}: expected auto, on or off")
@@ -365,7 +346,7 @@ def plan_memory(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro) -> tuple
     return offload, mem, notes
 
 
-def step_times(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro, n_micro: int, offload: bool,
+def step_times(shape: ParamCounts, c: Cluster, s: Strategy, mb: _Micro, n_micro: int, offload: bool,
                x: dict[str, float]) -> StepTimes:
     wall, compute = (n_micro * t for t in micro_batch_s(shape, mb, x))  # every micro-batch costs the same
     adam_bw = c.host_gbps_per_node * 1e9 / c.gpus_on_node if offload else c.hbm_gbps * 1e9
@@ -374,7 +355,7 @@ def step_times(shape: ModelShape, c: Cluster, s: Strategy, mb: _Micro, n_micro: 
                      x["ag_layer"], x["rs_layer"], x["h2d_layer"], x["d2h_layer"])
 
 
-def project(shape: ModelShape, measured: Sequence[Measured], c: Cluster, r: Recipe, s: Strategy) -> Projection:
+def project(shape: ParamCounts, measured: Sequence[Measured], c: Cluster, r: Recipe, s: Strategy) -> Projection:
     steps = optimizer_steps(r.pairs, r.global_batch, r.epochs)
     n_micro, tokens = _micro_geometry(r, c)
     mb = scale(pick(measured, tokens, s.recompute), tokens, tokens / r.tokens_per_pair * r.lm_rows_per_pair)
@@ -403,25 +384,19 @@ def optimizer_budget_s(p: Projection, target_s: float) -> float:
 # ==============================================================================================
 def synth_batch(budget: int, prompt_range: tuple[int, int], step_range: tuple[int, int], vocab: int,
                 seed: int = 0) -> PackedBatch:
-    """Step-DPO-shaped pairs (one prompt, one chosen and one rejected step each, DESIGN §7) packed with the
-    trainer's packing until the next pair would overflow the token budget."""
-    rng = np.random.default_rng(seed)
-    prompts, chosens, rejecteds = [], [], []
-    used = 0
-    while True:
-        p = int(rng.integers(prompt_range[0], prompt_range[1] + 1))
-        c, r = (int(v) for v in rng.integers(step_range[0], step_range[1] + 1, size=2))
-        if used + p + c + r > budget:
+    """Step-DPO-shaped pairs (benchlib's synthetic data: one prompt, one chosen and one rejected step each,
+    DESIGN §7.5) packed with the trainer's packing until the next pair would overflow the token budget."""
+    groups = benchlib.synthetic_groups(budget // (prompt_range[0] + 2 * step_range[0]) + 1, vocab,
+                                       benchlib.Lengths(prompt_range, step_range), seed=seed)
+    fit, used = [], 0
+    for g in groups:
+        if used + g.num_tokens > budget:
             break
-        # distinct first tokens keep build_groups from merging prompts or deduplicating steps
-        prompts.append(np.concatenate(([len(prompts) % vocab], rng.integers(0, vocab, p - 1))))
-        chosens.append(np.concatenate(([1], rng.integers(0, vocab, c - 1))))
-        rejecteds.append(np.concatenate(([2], rng.integers(0, vocab, r - 1))))
-        used += p + c + r
-    if not prompts:
+        fit.append(g)
+        used += g.num_tokens
+    if not fit:
         raise ValueError(f"token budget {budget} is smaller than one pair (prompt {prompt_range}, steps {step_range})")
-    groups = build_groups(prompts, chosens, rejecteds, [f"synthetic:{i}" for i in range(len(prompts))])
-    return pack_groups(groups)
+    return pack_groups(fit)
 
 
 @torch.no_grad()
@@ -438,43 +413,6 @@ def build_layers(cfg: ModelConfig, n: int, device: torch.device, dtype: torch.dt
         else:
             p.normal_(0.0, 0.02)
     return layers
-
-
-class Clock:
-    """CUDA events on a GPU, perf_counter on a CPU; elapsed() after sync()."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def elapsed(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
-
-def time_phases(run: Callable[[Callable[[], None]], None], clock: Clock, warmup: int, reps: int,
-                n_phases: int) -> list[float]:
-    """Median seconds of each phase; ``run(mark)`` calls mark() before the first and after every phase."""
-    samples: list[list[float]] = [[] for _ in range(n_phases)]
-    for i in range(warmup + reps):
-        marks: list = []
-        run(lambda marks=marks: marks.append(clock.mark()))
-        clock.sync()
-        if len(marks) != n_phases + 1:
-            raise RuntimeError(f"expected {n_phases + 1} marks, got {len(marks)}")
-        if i >= warmup:
-            for k in range(n_phases):
-                samples[k].append(clock.elapsed(marks[k], marks[k + 1]))
-    return [statistics.median(s) for s in samples]
 
 
 def _drop_grads(module: torch.nn.Module) -> None:
@@ -531,7 +469,7 @@ def make_layer_run(cfg: ModelConfig, layers, batch: PackedBatch, device, dtype, 
     return LayerRun(layers, batch, h_TD.requires_grad_(), cos_TH, sin_TH, backend, compiled)
 
 
-def time_train(run: LayerRun, recompute: bool, clock: Clock, warmup: int, reps: int) -> tuple[float, float]:
+def time_train(run: LayerRun, recompute: bool, clock: benchlib.Clock, warmup: int, reps: int) -> tuple[float, float]:
     """Seconds over the stack: training forward, backward (with the recompute when recompute)."""
     g_TD = torch.randn_like(run.h_TD)
 
@@ -543,11 +481,11 @@ def time_train(run: LayerRun, recompute: bool, clock: Clock, warmup: int, reps: 
         out.backward(g_TD)
         mark()
 
-    fwd, bwd = time_phases(train, clock, warmup, reps, 2)
+    fwd, bwd = benchlib.time_phases(train, clock, warmup, reps, 2)
     return fwd, bwd
 
 
-def time_nograd(run: LayerRun, clock: Clock, warmup: int, reps: int) -> float:
+def time_nograd(run: LayerRun, clock: benchlib.Clock, warmup: int, reps: int) -> float:
     """Seconds over the stack, forward-only (the reference pass)."""
 
     def nograd(mark):
@@ -556,7 +494,7 @@ def time_nograd(run: LayerRun, clock: Clock, warmup: int, reps: int) -> float:
             run.forward(False)
             mark()
 
-    return time_phases(nograd, clock, warmup, reps, 1)[0]
+    return benchlib.time_phases(nograd, clock, warmup, reps, 1)[0]
 
 
 def layer_memory(run: LayerRun, recompute: bool, cfg: ModelConfig) -> tuple[float, float, str]:
@@ -597,7 +535,7 @@ def lm_head_fn(impl: str):
     return table[impl]
 
 
-def measure_lm_head(cfg: ModelConfig, rows: int, device, dtype, impl: str, clock: Clock, warmup: int,
+def measure_lm_head(cfg: ModelConfig, rows: int, device, dtype, impl: str, clock: benchlib.Clock, warmup: int,
                     reps: int) -> tuple[float, float, float]:
     """(fwd+bwd seconds, fwd-only seconds, transient bytes) of the LM head on `rows` rows."""
     fn = lm_head_fn(impl)
@@ -622,8 +560,8 @@ def measure_lm_head(cfg: ModelConfig, rows: int, device, dtype, impl: str, clock
             fn(h_ND, w_VD, t_N)
             mark()
 
-    fwd, bwd = time_phases(train, clock, warmup, reps, 2)
-    (fwd_only,) = time_phases(nograd, clock, warmup, reps, 1)
+    fwd, bwd = benchlib.time_phases(train, clock, warmup, reps, 2)
+    (fwd_only,) = benchlib.time_phases(nograd, clock, warmup, reps, 1)
     h_ND.grad = w_VD.grad = None
     grads = h_ND.numel() * h_ND.element_size() + w_VD.numel() * w_VD.element_size()
     if device.type == "cuda":
@@ -642,47 +580,31 @@ def measure_lm_head(cfg: ModelConfig, rows: int, device, dtype, impl: str, clock
     return fwd + bwd, fwd_only, float(max(transient, 0))
 
 
-@dataclass
-class MeasureArgs:
-    layers: int
-    token_counts: list[int]
-    prompt_range: tuple[int, int]
-    step_range: tuple[int, int]
-    lm_head: str
-    attention_backend: str
-    warmup: int
-    reps: int
-    compiled: bool = False
-
-
 def layer_tflops(cfg: ModelConfig, batch: PackedBatch, seconds: float, train: bool) -> float:
     """Model FLOPs of one block (6·P·T + 12·H·d·A train, a third forward-only; recompute not counted)."""
-    per_layer = ModelShape.of(cfg).params_layer
+    per_layer = ParamCounts.of(cfg).params_layer
     fm = FlopModel(per_layer, 1, cfg.q_dim, cfg.vocab_size, cfg.hidden_size)
     return fm.batch(batch.num_tokens, batch.num_attended_keys, 0, train) / seconds / 1e12
 
 
-def measure(cfg: ModelConfig, a: MeasureArgs, device: torch.device) -> tuple[list[Measured], list[str]]:
+def measure(cfg: ModelConfig, a: argparse.Namespace, device: torch.device) -> tuple[list[Measured], list[str]]:
+    """Times ``a.layers`` layers and the LM head on a synthetic micro-batch of each of ``a.tokens`` token counts,
+    with and without recompute; returns the measurements and their table."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backend = resolve_backend(a.attention_backend, device, dtype)
-    clock = Clock(device)
+    clock = benchlib.Clock(device)
     layers = build_layers(cfg, a.layers, device, dtype)
     _drop_grads(layers)
     out: list[Measured] = []
     done: set[int] = set()
-    header = (f"measured on {_device_name(device)}, torch {torch.__version__}, {dtype}, attention {backend}, "
-              f"LM head {a.lm_head}, {'compiled ' if a.compiled else ''}{a.layers} layers of hidden {cfg.hidden_size} / {cfg.num_attention_heads} heads "
-              f"/ {cfg.num_key_value_heads} KV / FFN {cfg.intermediate_size}; median of {a.reps} after {a.warmup}")
-    columns = (f"{'tokens':>7} {'pairs':>5} {'rows':>5} {'recomp':>6} | {'fwd':>7} {'bwd':>7} {'fwd-only':>8} ms/layer"
-               f" | x{cfg.num_hidden_layers} s | {'TFLOP/s':>7} {'fwd-only':>8} | {'saved':>7} {'bwd peak':>8} MiB"
-               " | LM head fwd+bwd / fwd ms")
-    lines = [header, columns]
-    for budget in a.token_counts:
-        batch = synth_batch(budget, a.prompt_range, a.step_range, cfg.vocab_size)
+    table = [["tokens", "pairs", "rows", "recompute", "fwd ms", "bwd ms", "fwd-only ms", f"x{cfg.num_hidden_layers} s",
+              "TFLOP/s", "fwd-only", "saved MiB", "bwd peak MiB", "LM head fwd+bwd / fwd ms"]]
+    for budget in a.tokens:
+        batch = synth_batch(budget, a.prompt_len, a.step_len, cfg.vocab_size)
         if batch.num_tokens in done:  # two asked counts that pack to the same batch
             continue
         done.add(batch.num_tokens)
-        run = make_layer_run(cfg, layers, batch, device, dtype, backend, a.compiled)
+        run = make_layer_run(cfg, layers, batch, device, dtype, backend, a.compile)
         rows = int(batch.lp_rows_N.numel())
         lm_train, lm_fwd, lm_transient = measure_lm_head(cfg, rows, device, dtype, a.lm_head, clock, a.warmup, a.reps)
         fwd_ng = time_nograd(run, clock, a.warmup, a.reps) / a.layers
@@ -691,24 +613,22 @@ def measure(cfg: ModelConfig, a: MeasureArgs, device: torch.device) -> tuple[lis
             saved, transient, source = layer_memory(run, recompute, cfg)
             out.append(Measured(batch.num_tokens, rows, recompute, fwd, bwd, fwd_ng, lm_train, lm_fwd, saved,
                                 transient, lm_transient, source))
-            lines.append(
-                f"{batch.num_tokens:>7} {batch.num_pairs:>5} {rows:>5} {'yes' if recompute else 'no':>6} | "
-                f"{fwd * 1e3:>7.2f} {bwd * 1e3:>7.2f} {fwd_ng * 1e3:>8.2f}         | "
-                f"{(fwd + bwd) * cfg.num_hidden_layers:>{len(str(cfg.num_hidden_layers)) + 3}.2f} | "
-                f"{layer_tflops(cfg, batch, fwd + bwd, True):>7.1f} {layer_tflops(cfg, batch, fwd_ng, False):>8.1f} | "
-                f"{saved / 2**20:>7.1f} {transient / 2**20:>8.1f}     | {lm_train * 1e3:.2f} / {lm_fwd * 1e3:.2f}")
+            table.append([batch.num_tokens, batch.num_pairs, rows, "yes" if recompute else "no", f"{fwd * 1e3:.2f}",
+                          f"{bwd * 1e3:.2f}", f"{fwd_ng * 1e3:.2f}", f"{(fwd + bwd) * cfg.num_hidden_layers:.2f}",
+                          f"{layer_tflops(cfg, batch, fwd + bwd, True):.1f}",
+                          f"{layer_tflops(cfg, batch, fwd_ng, False):.1f}", f"{saved / 2**20:.1f}",
+                          f"{transient / 2**20:.1f}", f"{lm_train * 1e3:.2f} / {lm_fwd * 1e3:.2f}"])
         del run
-    lines.append(f"TFLOP/s = model FLOPs (FlopModel: 6·P_layer·T + 12·heads·head_dim·attended, forward-only a third) "
-                 f"/ time; H100 dense bf16 ceiling {H100_BF16_TFLOPS:.0f}. LM head transient: "
-                 f"{out[0].lm_head_transient_bytes / 2**20:.1f} MiB at {out[0].lm_rows} rows. "
-                 f"Memory source: {out[0].memory_source}")
-    return out, lines
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return out, [
+        f"measured on {benchlib.device_name(device)}, torch {torch.__version__}, {dtype}, attention {backend}, LM head "
+        f"{a.lm_head}, {'compiled ' if a.compile else ''}{a.layers} layers of hidden {cfg.hidden_size} / "
+        f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV / FFN {cfg.intermediate_size}; median of "
+        f"{a.reps} after {a.warmup}; per layer unless named",
+        benchlib.text_table(table, right=True),
+        f"TFLOP/s = model FLOPs (FlopModel: 6·P_layer·T + 12·heads·head_dim·attended, forward-only a third) / time; "
+        f"H100 dense bf16 ceiling {H100_BF16_TFLOPS:.0f}. LM head transient: "
+        f"{out[0].lm_head_transient_bytes / 2**20:.1f} MiB at {out[0].lm_rows} rows. Memory source: "
+        f"{out[0].memory_source}"]
 
 
 # ==============================================================================================
@@ -779,13 +699,6 @@ def format_verdict(projections: list[Projection]) -> list[str]:
 # ==============================================================================================
 # CLI
 # ==============================================================================================
-def _pair(text: str) -> tuple[int, int]:
-    lo, hi = (int(v) for v in text.split(","))
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 1 <= LO <= HI")
-    return lo, hi
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -794,8 +707,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=2, help="decoder layers to measure (per-layer = total / this)")
     ap.add_argument("--tokens", default="", help="comma list of micro-batch token counts to measure "
                     "(default: the config's budget and the per-GPU step tokens of each --gpus)")
-    ap.add_argument("--prompt-len", type=_pair, default=None, help="synthetic prompt lengths LO,HI (default 96,512)")
-    ap.add_argument("--step-len", type=_pair, default=None, help="synthetic step lengths LO,HI (default 16,128)")
+    ap.add_argument("--prompt-len", type=benchlib.int_range, default=None,
+                    help="synthetic prompt lengths LO,HI (default 96,512; --smoke 16,48)")
+    ap.add_argument("--step-len", type=benchlib.int_range, default=None,
+                    help="synthetic step lengths LO,HI (default 16,128; --smoke 4,12)")
     ap.add_argument("--lm-head", default="torch", help="LM-head implementation: torch, triton (or any other the "
                     "kernels package lists in LM_HEAD_IMPLS)")
     ap.add_argument("--compile", action="store_true", help="run the decoder layers with their torch.compile'd "
@@ -827,10 +742,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", default="", help="write measurements and projections here")
     ap.add_argument("--from-json", default="", help="skip measuring: re-project the measurements of a --json file")
     args = ap.parse_args(argv)
-    if args.warmup is None:
-        args.warmup = 1 if args.smoke else 3
-    if args.reps is None:
-        args.reps = 3 if args.smoke else 10
+    smoke = {"warmup": 1, "reps": 3, "prompt_len": (16, 48), "step_len": (4, 12)}
+    full = {"warmup": 3, "reps": 10, "prompt_len": (96, 512), "step_len": (16, 128)}
+    for key, value in (smoke if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.layers < 1 or args.reps < 1 or args.warmup < 0:
         ap.error("--layers and --reps must be >= 1, --warmup >= 0")
     return args
@@ -867,55 +783,22 @@ def default_token_counts(recipe: Recipe, cls: Sequence[Cluster]) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    hf = SMOKE if args.smoke else QWEN2_72B
-    cfg = ModelConfig.from_hf_dict(hf, "Qwen2-72B (built in)" if not args.smoke else "smoke (built in)")
-    shape = ModelShape.of(cfg)
+    cfg = benchlib.model_config("tiny" if args.smoke else "qwen2-72b")
+    shape = ParamCounts.of(cfg)
     recipe, recompute = recipe_from_config(args.config, args, args.smoke)
     cls = clusters(args)
     strategy = Strategy(recompute, args.offload, (72.0 if args.adam == "torch" else 28.0) + 12.0)
-    print(f"model: {'smoke' if args.smoke else 'Qwen2-72B'}, {shape.params_total / 1e9:.2f}B params "
+    print(f"model: {'smoke (benchlib tiny)' if args.smoke else 'Qwen2-72B'}, {shape.params_total / 1e9:.2f}B params "
           f"({shape.layers} x {shape.params_layer / 1e6:.1f}M per block + {shape.params_root / 1e6:.1f}M root); "
           f"recipe {recipe.pairs} pairs x {recipe.epochs} epochs, {recipe.global_batch} pairs/step, "
           f"budget {recipe.token_budget} tokens/GPU micro-batch")
-    if args.from_json:
-        measured = [Measured(**m) for m in json.loads(Path(args.from_json).read_text())["measured"]]
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cpu" and not args.smoke:
-            print("no CUDA device: the 72B measurement needs a GPU (use --smoke on a CPU, or --from-json)",
-                  file=sys.stderr)
-            return 2
-        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else default_token_counts(recipe, cls)
-        ma = MeasureArgs(args.layers, tokens, args.prompt_len or ((16, 48) if args.smoke else (96, 512)),
-                         args.step_len or ((4, 12) if args.smoke else (16, 128)), args.lm_head,
-                         args.attention_backend, args.warmup, args.reps, args.compile)
-        try:
-            lm_head_fn(args.lm_head)
-        except ValueError as e:
-            print(e, file=sys.stderr)
-            return 2
-        measured, lines = measure(cfg, ma, device)
-        print("\n".join(lines))
-    print()
-    print(format_assumptions(cls[0], recipe, strategy))
-    projections = []
-    for c in cls:
-        p = project(shape, measured, c, recipe, strategy)
-        projections.append(p)
-        print()
-        print("\n".join(format_projection(p, c, recipe, strategy)))
-    other = Strategy(not recompute, args.offload, strategy.adam_bytes_per_param)
-    if any(m.recompute == other.recompute for m in measured):
-        print()
-        for c in cls:
-            q = project(shape, measured, c, recipe, other)
-            print(f"with recompute {'on' if other.recompute else 'off'} on {c.n_gpus} GPUs: {_h(q.total_s)}, "
-                  f"peak {q.memory.peak_bytes / GIB:.1f} GiB ({'fits' if q.memory.fits else 'does not fit'}, "
-                  f"{'offload' if q.offload else 'no offload'})")
-    print()
-    if args.smoke:
-        print("smoke: a tiny model timed on this machine; the numbers above exercise the code, they project nothing")
-    print("\n".join(format_verdict(projections)))
+    try:
+        measured = load_or_measure(args, cfg, recipe, cls)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    projections = [project(shape, measured, c, recipe, strategy) for c in cls]
+    print("\n".join(format_report(args, shape, measured, cls, recipe, strategy, projections)))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": dataclasses.asdict(shape), "recipe": dataclasses.asdict(recipe),
@@ -924,6 +807,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                             for p in projections],
         }, indent=2))
     return 0
+
+
+def load_or_measure(args: argparse.Namespace, cfg: ModelConfig, recipe: Recipe, cls: list[Cluster]) -> list[Measured]:
+    """The measurements of --from-json, else measured here (and their table printed)."""
+    if args.from_json:
+        return [Measured(**m) for m in json.loads(Path(args.from_json).read_text())["measured"]]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise ValueError("no CUDA device: the 72B measurement needs a GPU (use --smoke on a CPU, or --from-json)")
+    lm_head_fn(args.lm_head)  # an unknown name fails before anything is built
+    args.tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else default_token_counts(recipe, cls)
+    measured, lines = measure(cfg, args, device)
+    print("\n".join(lines))
+    return measured
+
+
+def format_report(args, shape: ParamCounts, measured: list[Measured], cls: list[Cluster], recipe: Recipe,
+                  strategy: Strategy, projections: list[Projection]) -> list[str]:
+    lines = ["", format_assumptions(cls[0], recipe, strategy)]
+    for c, p in zip(cls, projections):
+        lines += [""] + format_projection(p, c, recipe, strategy)
+    other = Strategy(not strategy.recompute, args.offload, strategy.adam_bytes_per_param)
+    if any(m.recompute == other.recompute for m in measured):
+        lines.append("")
+        for c in cls:
+            q = project(shape, measured, c, recipe, other)
+            lines.append(f"with recompute {'on' if other.recompute else 'off'} on {c.n_gpus} GPUs: {_h(q.total_s)}, "
+                         f"peak {q.memory.peak_bytes / GIB:.1f} GiB ({'fits' if q.memory.fits else 'does not fit'}, "
+                         f"{'offload' if q.offload else 'no offload'})")
+    lines.append("")
+    if args.smoke:
+        lines.append("smoke: a tiny model timed on this machine; the numbers above exercise the code, they project "
+                     "nothing")
+    return lines + format_verdict(projections)
 
 
 if __name__ == "__main__":

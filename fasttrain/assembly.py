@@ -236,11 +236,14 @@ class ReferenceSet:
 
 
 def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, policy,
-                     sets: dict[str, ReferenceSet], model_fp: str) -> References:
-    """Live: a frozen sharded copy. Precompute: one pass of the (still initial) policy over each set ("train",
-    and "eval" when there is one), cached on disk under a key of model files, tokens, compute dtype and LM head."""
+                     sets: dict[str, ReferenceSet], model_fp: str, model_cfg=None,
+                     init_weights: Callable[[torch.nn.Module], None] | None = None) -> References:
+    """Live: a frozen sharded copy (of ``cfg.model.path``, or ``model_cfg`` + ``init_weights`` like the policy).
+    Precompute: one pass of the (still initial) policy over each set ("train", and "eval" when there is one),
+    cached on disk under a key of model files, tokens, compute dtype and LM head."""
     if cfg.loss.reference == "live":
-        live = LiveReference(build_sharded_model(cfg, dist_info, backend, trainable=False))
+        live = LiveReference(build_sharded_model(cfg, dist_info, backend, trainable=False, model_cfg=model_cfg,
+                                                 init_weights=init_weights))
         return References(live, {"train_subset": live, **({"eval": live} if "eval" in sets else {})})
     world, budget = dist_info.world_size, cfg.train.tokens_per_micro_batch
     tables = {}
@@ -371,7 +374,7 @@ def build_run(cfg: RunConfig, dist_info: fdist.DistInfo, inputs: RunInputs, mode
         n_pairs = sum(g.num_pairs for g in inputs.train_groups)
         eval_sets = {}
         ref_sets = {"train": ReferenceSet(inputs.train_groups, n_pairs)}
-    refs = build_references(cfg, dist_info, inputs.backend, model, ref_sets, inputs.model_fp)
+    refs = build_references(cfg, dist_info, inputs.backend, model, ref_sets, inputs.model_fp, model_cfg, init_weights)
     if cfg.loss.reference == "precompute" and inputs.resume_from is not None and not refs.all_cached:
         log.warning("the reference log-prob cache was missing on resume; it was recomputed from model.path")
     eval_plans = {name: plan_inference(gs, world, budget) for name, gs in eval_sets.items()}

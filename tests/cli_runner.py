@@ -16,7 +16,10 @@ BENCHMARKS = REPO / "benchmarks"
 
 
 def load_benchmark(name: str):
-    """benchmarks/<name>.py as the module ``name`` (registered in sys.modules: dataclasses look it up there)."""
+    """benchmarks/<name>.py as the module ``name`` (registered in sys.modules: dataclasses look it up there), with
+    benchmarks/ on sys.path, as when the script runs: its shared parts (benchlib) are imported by name."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import load_benchmark
 
 from fasttrain.data.templates import render_prompt
 from fasttrain.eval.evaluate import DEFAULT_PREFILL
 from fasttrain.eval.generate import HFGenerator
-
-from cli_runner import load_benchmark
+from fasttrain.model.config import num_params
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "fasttrain" / "demo" / "model"
@@ -24,7 +24,7 @@ def bench():
 def test_shape_constants_give_qwen2_1_5b(bench):
     # 1,543,714,304: the parameter count of Qwen2-1.5B (tied embeddings), also what transformers built
     # from this shape on the CPU (bf16, 2.9 GB of safetensors)
-    assert bench.qwen2_param_count(bench.QWEN2_1_5B) == 1_543_714_304
+    assert num_params(bench.benchlib.model_config("qwen2-1.5b")) == 1_543_714_304
 
 
 def test_smoke_run(bench, tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_smoke_run(bench, tmp_path, capsys):
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     meta, rows = res["meta"], res["rows"]
-    assert meta["params"] == bench.qwen2_param_count(bench.SMOKE)
+    assert meta["params"] == num_params(bench.benchlib.model_config("tiny"))
     assert meta["dtype"] == "float32" and meta["max_new_tokens"] == 8 and "EOS ignored" in meta["decoding"]
     assert [r["batch"] for r in rows] == [1, 4]
     for r in rows:

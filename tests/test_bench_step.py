@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from cli_runner import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,16 +40,15 @@ def test_smoke_run_on_cpu():
 
 
 def test_synthetic_data_has_step_dpo_shape():
-    bench = load_bench()
-    lengths = bench.LengthModel("design")
-    groups = bench.synthetic_groups(400, 1000, lengths, share=0.25, seed=0)
+    lib = load_bench().benchlib  # benchmarks/benchlib.py: the synthetic data every benchmark uses
+    groups = lib.synthetic_groups(400, 1000, lib.LENGTHS["design"], share=0.25, seed=0)
     assert sum(g.num_pairs for g in groups) == 400
     prompts = np.array([len(g.prompt_ids) for g in groups])
     steps = np.array([len(c) for g in groups for c in g.continuations])
     assert 96 <= prompts.min() and prompts.max() <= 512 and 250 < prompts.mean() < 360
     assert 16 <= steps.min() and steps.max() <= 128 and 55 < steps.mean() < 90
     assert any(len(g.continuations) > 2 for g in groups)  # --share: prompts with several chosen steps
-    real = bench.synthetic_groups(2000, 1000, bench.LengthModel("real-estimate"), share=0.0, seed=0)
+    real = lib.synthetic_groups(2000, 1000, lib.LENGTHS["real-estimate"], share=0.0, seed=0)
     assert 200 < np.mean([len(g.prompt_ids) for g in real]) < 320
     assert 30 < np.mean([len(c) for g in real for c in g.continuations]) < 60
 
@@ -59,11 +57,11 @@ def test_auto_layers_fits_an_h100():
     bench = load_bench()
     h100 = 79 * 2**30
     # Qwen2-1.5B: 1.5B params x 24 B is ~37 GB: every layer fits, with or without a live reference.
-    assert bench.auto_layers(bench.SHAPES["qwen2-1.5b"], live=True, checkpointing=True, token_budget=8192,
+    assert bench.auto_layers(bench.benchlib.SHAPES["qwen2-1.5b"], live=True, checkpointing=True, token_budget=8192,
                              total_bytes=h100) == 28
     # Llama-3-8B: 8B x 20 B = 160 GB does not fit; the estimate keeps a handful of layers, fewer with a
     # live reference or without activation checkpointing.
-    pre = bench.auto_layers(bench.SHAPES["llama3-8b"], False, True, 8192, h100)
-    live = bench.auto_layers(bench.SHAPES["llama3-8b"], True, True, 8192, h100)
-    no_ac = bench.auto_layers(bench.SHAPES["llama3-8b"], False, False, 8192, h100)
+    pre = bench.auto_layers(bench.benchlib.SHAPES["llama3-8b"], False, True, 8192, h100)
+    live = bench.auto_layers(bench.benchlib.SHAPES["llama3-8b"], True, True, 8192, h100)
+    no_ac = bench.auto_layers(bench.benchlib.SHAPES["llama3-8b"], False, False, 8192, h100)
     assert 4 <= live < pre <= 12 and no_ac < pre

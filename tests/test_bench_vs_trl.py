@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from cli_runner import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +96,7 @@ def test_amortised_rate_charges_the_precompute_to_the_recipe_epochs():
     import torch
 
     out = bench.finish_result(result, spec, work, timed_s=9.0, device=torch.device("cpu"),
-                              losses=[math.log(2), 0.69], grad_norms=[1.0, 1.0], peak_bytes=None)
+                              losses=[math.log(2), 0.69], grad_norms=[1.0, 1.0], peak_gib=None)
     assert out.pairs_per_s == pytest.approx(10.0)
     # 1 / (1/10 + 10 s / 100 pairs / 4 epochs) = 1 / (0.1 + 0.025)
     assert out.amortised_pairs_per_s == pytest.approx(8.0)

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_runner import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +158,7 @@ def test_without_a_gpu_the_gpu_mode_refuses_before_doing_anything(tmp_path, caps
 
 
 def test_commit_comes_from_the_flag_first():
-    assert gpu_check.resolve_commit("abc1234") == ("abc1234", "--commit")
+    assert gpu_check.benchlib.resolve_commit("abc1234") == ("abc1234", "--commit")
 
 
 def test_cpu_rehearsal_runs_every_stage_within_its_budget(tmp_path):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_runner import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +18,7 @@ def pj():
 
 # A 10-block model of 1e9 params per block and no root: P = 1e10, easy to count bytes of.
 def shape(pj, layers=10, per_layer=10**9, root=0):
-    return pj.ModelShape(layers, layers * per_layer + root, per_layer, root, 1024, 1000)
+    return pj.ParamCounts(layers, layers * per_layer + root, per_layer, root, 1024, 1000)
 
 
 def measured(pj, tokens=1000, rows=100, recompute=True, fwd=1e-3, bwd=2e-3, saved=0.0, transient=0.0):
@@ -42,9 +41,7 @@ def test_official_step_count(pj):
 
 
 def test_qwen2_72b_shape(pj):
-    from fasttrain.model.config import ModelConfig
-
-    s = pj.ModelShape.of(ModelConfig.from_hf_dict(pj.QWEN2_72B))
+    s = pj.ParamCounts.of(pj.benchlib.model_config("qwen2-72b"))
     # q, o 8192^2 each; k, v 8192 x 1024 each; q/k/v biases; SwiGLU 3 x 8192 x 29568; two norms
     per_layer = 2 * 8192**2 + 2 * 8192 * 1024 + (8192 + 2 * 1024) + 3 * 8192 * 29568 + 2 * 8192
     assert s.params_layer == per_layer == 877_684_736
