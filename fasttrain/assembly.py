@@ -127,8 +127,9 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     """The FSDP2-sharded model of ``cfg.model.path`` (or of ``model_cfg`` with weights from ``init_weights``,
     for benchmarks on random models), on ``dist_info.device``.
 
-    Trainable: fp32 master weights (the optimizer's), gathered in the compute dtype. Frozen (a live
-    reference): stored in the compute dtype, which is what FSDP would gather anyway, at half the memory.
+    Trainable: the optimizer's master weights, fp32 (train.optimizer_state=fp32) or their bf16 high half
+    (compact), gathered in the compute dtype. Frozen (a live reference): stored in the compute dtype, which is
+    what FSDP would gather anyway, at half the memory.
     """
     from fasttrain.model.config import ModelConfig
     from fasttrain.model.decoder import build_model
@@ -147,7 +148,9 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
         if trainable:  # the plan covers a live reference too, so building the reference repeats nothing
             check_memory_plan(model_cfg, cfg, dist_info)
     compute_dtype = getattr(torch, cfg.model.compute_dtype)
-    model = build_model(model_cfg, device="meta", dtype=torch.float32 if trainable else compute_dtype)
+    compact = cfg.train.optimizer_state == "compact"
+    model = build_model(model_cfg, device="meta",
+                        dtype=(torch.bfloat16 if compact else torch.float32) if trainable else compute_dtype)
     model.set_attention_backend(backend)
     model.lm_head_impl = resolve_lm_head(cfg.model.lm_head_impl, dist_info.device)
     model.activation_checkpointing = cfg.model.activation_checkpointing and trainable
@@ -174,11 +177,30 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
                 load_hf_weights(model, cfg.model.path)
             except (OSError, ValueError, KeyError) as e:
                 raise UserError(_message(e)) from None
+        if compact and trainable and dist_info.is_main:
+            warn_compact_rounding(cfg.model.path)
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def warn_compact_rounding(model_dir: str) -> None:
+    """Compact state starts its fp32 master at the bf16 weight: exact for bf16 checkpoints (every Qwen2 release),
+    a rounding of wider ones, which is said once."""
+    from safetensors import safe_open
+
+    from fasttrain.model.hf_checkpoint import checkpoint_tensor_files
+
+    stored = set()
+    for path in set(checkpoint_tensor_files(model_dir).values()):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            stored |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    wider = sorted(stored - {"BF16"})
+    if wider:
+        log.warning("train.optimizer_state=compact: %s holds %s weights; training starts from them rounded to "
+                    "bfloat16 (the compact master's first value)", model_dir, "/".join(wider))
 
 
 def _message(error: BaseException) -> str:
@@ -189,30 +211,32 @@ def _message(error: BaseException) -> str:
 def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo) -> None:
     """Fail before allocating anything when the sharded state cannot fit the GPU (DESIGN §6).
 
-    Both models of a run count: the trainable one's fp32 params + fp32 grads +
-    AdamW m, v = 16 bytes/param (host memory instead with model.cpu_offload), and a live reference's frozen
-    compute-dtype shards (2 bytes/param in bf16), all sharded over every rank. Activations and the gathered
-    bf16 blocks come on top, so at most 85% of the card is planned.
+    Both models of a run count: the trainable one's weights + grads + AdamW m, v (16 bytes/param with
+    train.optimizer_state=fp32, 10 with compact; host memory instead with model.cpu_offload), and a live
+    reference's frozen compute-dtype shards (2 bytes/param in bf16), all sharded over every rank. Activations
+    and the gathered bf16 blocks come on top, so at most 85% of the card is planned.
     """
     if dist_info.device.type != "cuda":
         return
+    from fasttrain.compact_adamw import STATE_BYTES_PER_PARAM
     from fasttrain.model.config import num_params
 
     n = num_params(model_cfg)
-    policy_bytes = 0 if cfg.model.cpu_offload else 16
+    policy_bytes = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM[cfg.train.optimizer_state]
     reference_bytes = (torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
                        if cfg.loss.reference == "live" else 0)
     bytes_per_param = policy_bytes + reference_bytes
     need = n * bytes_per_param / dist_info.world_size
     have = torch.cuda.get_device_properties(dist_info.device).total_memory
     if need > 0.85 * have:
-        parts = [f"{policy_bytes} bytes/param training state"]
+        parts = [f"{policy_bytes} bytes/param training state (train.optimizer_state={cfg.train.optimizer_state})"]
         if reference_bytes:
             parts.append(f"{reference_bytes} bytes/param live reference")
         raise UserError(
             f"the sharded state of {n / 1e9:.1f}B params needs {need / 2**30:.1f} GiB per GPU on "
             f"{dist_info.world_size} GPU(s) ({' + '.join(parts)}), more than 85% of this card's "
-            f"{have / 2**30:.0f} GiB. Use more GPUs (nodes), model.cpu_offload=true, or loss.reference=precompute."
+            f"{have / 2**30:.0f} GiB. Use more GPUs (nodes), train.optimizer_state=compact, model.cpu_offload=true, "
+            "or loss.reference=precompute."
         )
 
 
@@ -323,8 +347,9 @@ def check_inputs(cfg: RunConfig, dist_info: fdist.DistInfo) -> RunInputs:
         if len(tokenizer) > model_cfg.vocab_size:
             raise UserError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.path}) has {len(tokenizer)} tokens "
                             f"but the model's vocab_size is {model_cfg.vocab_size}: they do not belong together")
-    log.info("world size %d on %s; attention backend %s; LM head %s; compute %s, fp32 master weights + AdamW state",
-             dist_info.world_size, device, backend, lm_head, cfg.model.compute_dtype)
+    log.info("world size %d on %s; attention backend %s; LM head %s; compute %s; optimizer state %s (%s)",
+             dist_info.world_size, device, backend, lm_head, cfg.model.compute_dtype, cfg.train.optimizer_state,
+             OPTIMIZER_STATE_NAMES[cfg.train.optimizer_state])
     train_data, eval_data = load_datasets(cfg, dist_info, tokenizer)
     train_groups = groups_of(train_data)
     with fdist.all_ranks_agree():
@@ -382,16 +407,28 @@ def build_run(cfg: RunConfig, dist_info: fdist.DistInfo, inputs: RunInputs, mode
                eval_plans)
 
 
+OPTIMIZER_STATE_NAMES = {
+    "fp32": "fp32 master weights, grads and AdamW moments: 16 bytes/param",
+    "compact": "bf16 weights + fp32-master low bits, bf16 grads and AdamW moments: 10 bytes/param",
+}
+
+
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], total_steps: int):
-    """(AdamW, LambdaLR with linear warmup + cosine decay) over the sharded fp32 master parameters."""
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
-        weight_decay=cfg.train.weight_decay,
-        # Fused: one pass over each fp32 param / grad / moment (torchtitan's default with FSDP2). On CUDA, and
-        # on the host for CPU-offloaded state (torch's vectorised, multithreaded CPU kernel: the 72B recipe's
-        # optimizer step is memory-bound there). CPU-only runs keep the for-each path the equality tests pin.
-        fused=bool(params) and (params[0].device.type == "cuda" or cfg.model.cpu_offload),
-    )
+    """(AdamW, LambdaLR with linear warmup + cosine decay) over the sharded master parameters."""
+    if cfg.train.optimizer_state == "compact":
+        from fasttrain.compact_adamw import CompactAdamW
+
+        optimizer = CompactAdamW(params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                 eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay, seed=cfg.train.seed)
+    else:
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+            weight_decay=cfg.train.weight_decay,
+            # Fused: one pass over each fp32 param / grad / moment (torchtitan's default with FSDP2). On CUDA, and
+            # on the host for CPU-offloaded state (torch's vectorised, multithreaded CPU kernel: the 72B recipe's
+            # optimizer step is memory-bound there). CPU-only runs keep the for-each path the equality tests pin.
+            fused=bool(params) and (params[0].device.type == "cuda" or cfg.model.cpu_offload),
+        )
     warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio)

@@ -24,7 +24,7 @@ class ModelSection:
     lm_head_impl: str = "auto"  # auto (chunked on CUDA, torch on CPU) | torch | triton | chunked (fasttrain_kernels)
     activation_checkpointing: bool = True
     # bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on a CPU, where bf16 matmuls are slow and gain nothing);
-    # master weights + AdamW state are always fp32
+    # the master weights are fp32 whatever train.optimizer_state keeps
     compute_dtype: str = "bfloat16"
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state live in host memory
     # torch.compile each decoder block's compute around the (eager) attention call: norm + q/k/v + qk-norm +
@@ -70,6 +70,10 @@ class TrainSection:
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    # What AdamW keeps per parameter (fasttrain/compact_adamw.py, DESIGN §6.4). fp32: fp32 master weights, grads and
+    # moments, 16 bytes. compact: bf16 weights + the master's low 16 bits (the fp32 master exactly), bf16 grads,
+    # bf16 moments with stochastic rounding, 10 bytes: Qwen2-72B's state fits 8 x 141 GB without CPU offload.
+    optimizer_state: str = "fp32"
     seed: int = 42
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate before training and at the end only
@@ -107,6 +111,7 @@ class RunConfig:
             ("model", "lm_head_impl"): ("auto", "torch", "triton", "chunked"),
             ("model", "compute_dtype"): ("auto", "bfloat16", "float32"),
             ("train", "save_dtype"): ("auto", "bfloat16", "float32"),
+            ("train", "optimizer_state"): ("fp32", "compact"),
             ("data", "template"): ("qwen2-boxed", "alpaca", "deepseek-math", "chat"),
             ("data", "mode"): ("step", "full"),
             ("loss", "loss_type"): ("sigmoid", "ipo"),

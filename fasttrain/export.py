@@ -50,15 +50,18 @@ class ExportReport:
 
 
 @torch.no_grad()
-def measure_update_error(model: torch.nn.Module, initial_dir: str) -> tuple[float, dict[str, float], torch.dtype]:
+def measure_update_error(model: torch.nn.Module, initial_dir: str, optimizer: torch.optim.Optimizer | None = None
+                         ) -> tuple[float, dict[str, float], torch.dtype]:
     """Collective: (||master - initial||, {dtype: update_error}, the initial checkpoint's floating dtype).
 
     Each rank reads only its own rows of the initial weights (as loading does) and compares them with its
-    local shard; one all-reduce sums the squares. The candidates are bfloat16 and, when different, the
+    local shard's fp32 master (with train.optimizer_state=compact: rebuilt from the bf16 weight and the
+    optimizer's low bits); one all-reduce sums the squares. The candidates are bfloat16 and, when different, the
     checkpoint's own 16-bit dtype.
     """
     from safetensors import safe_open
 
+    from fasttrain.compact_adamw import master_local
     from fasttrain.model.hf_checkpoint import checkpoint_tensor_files
     from fasttrain.model.shards import local_shard
 
@@ -78,10 +81,10 @@ def measure_update_error(model: torch.nn.Module, initial_dir: str) -> tuple[floa
             for name in names:
                 sl = f.get_slice(name)
                 stored.add(sl.get_dtype())
-                local, start, end = local_shard(params[name], name)
+                _, start, end = local_shard(params[name], name)
                 if end <= start:
                     continue
-                master = local.float()
+                master = master_local(optimizer, params[name], name)
                 initial = sl[start:end].to(device=master.device, dtype=torch.float32)
                 sums_C[0] += (master - initial).double().square().sum()
                 for i, dtype in enumerate(candidates):
@@ -112,28 +115,49 @@ def choose_export_dtype(setting: str, errors: dict[str, float], source_dtype: to
                        f"update (relative L2 error > {MAX_UPDATE_ERROR:.0%})")
 
 
-def export_hf(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool) -> ExportReport:
-    """Collective: measure, choose the dtype, gather the full weights to rank 0's host memory, write the HF
-    checkpoint there (atomically). ``replace``: an existing ``out`` was written by this run and is replaced."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+def export_hf(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool,
+              optimizer: torch.optim.Optimizer | None = None) -> ExportReport:
+    """Collective: measure, choose the dtype, gather the full fp32 master weights to rank 0's host memory, write
+    the HF checkpoint there (atomically). ``replace``: an existing ``out`` was written by this run and is
+    replaced. ``optimizer``: the run's, whose state holds the masters' low bits with optimizer_state=compact."""
     from fasttrain.model.hf_checkpoint import save_hf_checkpoint
 
-    update_norm, errors, source_dtype = measure_update_error(model, cfg.model.path)
+    update_norm, errors, source_dtype = measure_update_error(model, cfg.model.path, optimizer)
     dtype, reason = choose_export_dtype(cfg.train.save_dtype, errors, source_dtype)
     report = ExportReport(str(out), dtype, reason, update_norm, errors)
     if dtype != "float32" and errors[dtype] > MAX_UPDATE_ERROR:
         log.warning("export %s in %s loses %.1f%% of the trained update (relative L2 error of exported - initial "
                     "vs master - initial); train.save_dtype=auto would write float32", out, dtype,
                     100 * errors[dtype])
-    # Every rank takes part in the gathers; only rank 0 holds (on CPU) and writes the full weights.
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = gather_master_weights(model, optimizer)
     with fdist.all_ranks_agree():
         if dist_info.is_main:
             save_hf_checkpoint(state, model.config, out, tokenizer_dir=cfg.model.tokenizer or cfg.model.path,
                                dtype=getattr(torch, dtype), overwrite=replace)
             log.info("exported %s (HF format) in %s: %s", out, dtype, reason)
     return report
+
+
+def gather_master_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Collective: the full fp32 master weights in rank 0's host memory ({} on the other ranks). With compact
+    optimizer state the gathered bf16 weights are joined with their gathered low bits, parameter by parameter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from fasttrain.compact_adamw import CompactAdamW, join_fp32
+
+    fdist.reshard_all(model)
+    # Every rank takes part in the gathers; only rank 0 holds (on CPU) the full weights.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if isinstance(optimizer, CompactAdamW):
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        for name, param in model.named_parameters():
+            low = optimizer.low_bits(param)
+            if low is None:  # no step yet: the master is the bf16 weight itself
+                continue
+            low = low.full_tensor() if hasattr(low, "full_tensor") else low
+            if main:
+                state[name] = join_fp32(state[name], low.cpu())
+    return state
 
 
 @contextmanager

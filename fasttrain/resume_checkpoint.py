@@ -42,9 +42,14 @@ MUST_MATCH = {
     "data": ("template", "mode", "max_length", "max_prompt_length", "skip_bad_rows"),
     "loss": ("beta", "loss_type", "label_smoothing", "reference"),
     "train": ("epochs", "max_steps", "global_batch_pairs", "tokens_per_micro_batch", "lr", "weight_decay",
-              "adam_beta1", "adam_beta2", "adam_eps", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "seed"),
+              "adam_beta1", "adam_beta2", "adam_eps", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "seed",
+              "optimizer_state"),
     "model": ("compute_dtype", "lm_head_impl"),
 }
+
+# Keys added to MUST_MATCH after checkpoints were written without them: a missing value means this (the
+# behaviour before the key existed), so those checkpoints still resume.
+ADDED_LATER = {("train", "optimizer_state"): "fp32"}
 
 
 def package_versions() -> dict[str, str]:
@@ -85,7 +90,8 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
         problems.append("the tokenized training data differ (data file, tokenizer or template)")
     for section, keys in MUST_MATCH.items():
         for key in keys:
-            old, new = saved["config"].get(section, {}).get(key), current["config"][section][key]
+            old = saved["config"].get(section, {}).get(key, ADDED_LATER.get((section, key)))
+            new = current["config"][section][key]
             if old != new:
                 problems.append(f"{section}.{key} was {old!r}, now {new!r}")
     if problems:

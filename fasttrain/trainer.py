@@ -177,7 +177,7 @@ class RunSession:
 
     def export(self, step: int) -> None:
         export_hf(self.run.model, self.run.cfg, self.out_dir / "exports" / f"step-{step:08d}", self.run.dist,
-                  self.replace_exports)
+                  self.replace_exports, self.run.optimizer)
 
     def finish(self, total_steps: int) -> dict:
         run, state = self.run, self.state
@@ -185,7 +185,8 @@ class RunSession:
         summary = {"steps": total_steps, "skipped_steps": self.loop.skipped_steps, "before": state["before"],
                    "after": after, "last_step": self.loop.last_row, "run_info": run.inputs.info}
         if run.cfg.train.save_final:
-            report = export_hf(run.model, run.cfg, self.out_dir / "final", run.dist, self.replace_exports)
+            report = export_hf(run.model, run.cfg, self.out_dir / "final", run.dist, self.replace_exports,
+                               run.optimizer)
             summary["export"] = report.as_dict()
             if report.dtype != "float32":  # the exported weights are the rounded ones: report what they score
                 with weights_as_exported(run.model, report.dtype):

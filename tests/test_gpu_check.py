@@ -167,11 +167,13 @@ def test_cpu_rehearsal_runs_every_stage_within_its_budget(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}  # the script sets its own
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-rehearsal", "--out", str(out), "--commit", "test"],
-                          capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
+    # Twice the default 170 s deadline (every stage budget scales with it): alone on CI's 2 cores the rehearsal
+    # takes 66-75 s, but with another process busy on one core two stages ran past their 170-s share once.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-rehearsal", "--budget-s", "340", "--out", str(out),
+                           "--commit", "test"], capture_output=True, text=True, timeout=500, env=env, cwd=REPO)
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert wall < 180, f"the rehearsal took {wall:.0f} s"
+    assert wall < 350, f"the rehearsal took {wall:.0f} s"
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(gpu_check.OUT_FILES), files  # 4 <= 8: what the device returns
 

@@ -143,9 +143,10 @@ def test_repeated_rows(impl, dtype):
     g = torch.randn(10, generator=torch.Generator().manual_seed(4)).to(DEV)
     (logp, _, _), _ = _check_all(impl, h, w, t, g, dtype)
     same = logp[torch.tensor([0, 2, 7, 9], device=DEV)]
-    if impl == "triton":  # each row's tile computes alone: identical rows give identical bits
+    if impl == "triton" and DEV == "cuda":  # each row's tile computes alone: identical rows give identical bits
         assert (same == same[0]).all()
-    else:  # the BLAS GEMM may block edge rows differently on CPU: equal up to a few fp32 ulps
+    else:  # the BLAS GEMM (numpy's, under the Triton interpreter) may block rows differently from call to call
+        # on the CPU, by its thread count and load (seen once in CI, fp16): equal up to a few fp32 ulps
         torch.testing.assert_close(same, same[0].expand(4), rtol=8 * torch.finfo(torch.float32).eps, atol=0)
 
 
