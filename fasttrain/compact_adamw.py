@@ -168,6 +168,18 @@ class CompactAdamW(torch.optim.Optimizer):
                 m_X[part].copy_(stochastic_round_bf16(m, first_element + start, keys[0]))
                 v_X[part].copy_(stochastic_round_bf16(v, first_element + start, keys[1]))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim.Optimizer.load_state_dict casts every floating parameter's state tensors to the
+        parameter's dtype, by value: it would turn the int16 low bits into bf16 numbers (and fp32 moments
+        into bf16). The saved tensors are put back as they were, bits and dtypes unchanged."""
+        saved = {pid: {k: v for k, v in s.items() if k != "step"} for pid, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(ids, params):
+            for key, value in saved.get(pid, {}).items():
+                self.state[p][key] = value.to(device=p.device)
+
     def master_local(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master of this rank's shard of ``p`` (a new tensor)."""
         weight = _local(p)

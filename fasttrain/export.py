@@ -154,7 +154,13 @@ def gather_master_weights(model: torch.nn.Module, optimizer: torch.optim.Optimiz
             low = optimizer.low_bits(param)
             if low is None:  # no step yet: the master is the bf16 weight itself
                 continue
-            low = low.full_tensor() if hasattr(low, "full_tensor") else low
+            if hasattr(low, "full_tensor"):
+                # Gathered as bf16, the same 2 bytes: neither gloo nor NCCL all-gathers int16.
+                from torch.distributed.tensor import DTensor
+
+                as_bf16 = DTensor.from_local(low.to_local().view(torch.bfloat16), low.device_mesh, low.placements,
+                                             shape=low.shape, stride=low.stride())
+                low = as_bf16.full_tensor().view(torch.int16)
             if main:
                 state[name] = join_fp32(state[name], low.cpu())
     return state

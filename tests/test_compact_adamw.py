@@ -4,6 +4,7 @@ moments are kept in fp32, and the recipe's lr-5e-7 updates kept over 50 Step-DPO
 them, on at most 10 persistent bytes per parameter measured from the tensors."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -80,6 +81,41 @@ def test_fp32_moments_reproduce_torch_adamw_bit_for_bit(weight_decay):
     for p, q in zip(ref, ours):
         assert torch.equal(opt.master_local(q), p.detach())
         assert torch.equal(q.detach(), split_fp32(p.detach())[0])
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.float32])
+def test_state_dict_round_trip_keeps_bits_and_dtypes(moment_dtype):
+    """torch's Optimizer.load_state_dict would cast the int16 low bits to bf16 by value; resuming from the
+    saved state must continue exactly as the uninterrupted optimizer does."""
+    gen = torch.Generator().manual_seed(11)
+    start = (torch.randn(33, 17, generator=gen) * 0.02).bfloat16()
+    grads = [(torch.randn(33, 17, generator=gen) * 1e-3).bfloat16() for _ in range(6)]
+
+    def make():
+        p = torch.nn.Parameter(start.clone())
+        return p, CompactAdamW([p], lr=1e-3, weight_decay=0.01, moment_dtype=moment_dtype, seed=3)
+
+    p, opt = make()
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    saved_param, saved_state = p.detach().clone(), copy.deepcopy(opt.state_dict())  # state_dict() shares tensors
+    for g in grads[3:]:
+        p.grad = g.clone()
+        opt.step()
+
+    q, resumed = make()
+    with torch.no_grad():
+        q.copy_(saved_param)
+    resumed.load_state_dict(saved_state)
+    state = resumed.state[q]
+    assert state["low_bits"].dtype == torch.int16 and state["exp_avg"].dtype == moment_dtype
+    for g in grads[3:]:
+        q.grad = g.clone()
+        resumed.step()
+    assert torch.equal(resumed.master_local(q), opt.master_local(p))
+    for key in ("low_bits", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(resumed.state[q][key], opt.state[p][key]), key
 
 
 def test_bf16_parameters_only():

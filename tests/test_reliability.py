@@ -42,14 +42,16 @@ def ok(result):
     assert result.returncode == 0, f"stderr:\n{result.stderr[:4000]}\n...\n{result.stderr[-4000:]}"
 
 
-def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path):
-    clean = launch(args_for(tmp_path, "clean"), nproc=2)
+@pytest.mark.parametrize("optimizer_state", ["fp32", "compact"])
+def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, optimizer_state):
+    state = [f"train.optimizer_state={optimizer_state}"]
+    clean = launch(args_for(tmp_path, "clean", extra=state), nproc=2)
     ok(clean)
     # Rank 1 SIGKILLs itself in the middle of step 6 (after step 5 was logged and step 4 checkpointed);
     # torchrun tears the job down. The same command with train.resume=auto then continues the run — what
     # torchrun --max-restarts does by itself. (Relaunching by hand keeps the test deterministic: on gloo
     # under CPU load, a restarted worker sometimes failed to reconnect to its peer within gloo's retries.)
-    command = args_for(tmp_path, "crashed", extra=["train.resume=auto"])
+    command = args_for(tmp_path, "crashed", extra=["train.resume=auto", *state])
     crashed = launch(command, nproc=2, env_extra={"FASTTRAIN_FAULT": "kill:rank=1:step=6"})
     assert crashed.returncode != 0 and "exitcode  : -9" in crashed.stderr
     assert [r["step"] for r in train_rows(tmp_path / "crashed")] == [1, 2, 3, 4, 5]
@@ -63,7 +65,8 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (key, ra, rb)
     wa = load_file(tmp_path / "clean" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "crashed" / "final" / "model.safetensors")
-    for name in wa:  # same ranks, same data order, restored fp32 AdamW state: the same arithmetic
+    for name in wa:  # same ranks, same data order, restored AdamW state (compact: its low bits and rounding
+        # keys too): the same arithmetic
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-7, msg=name)
 
     # the checkpoint holds what a resume needs, and incomplete ones are skipped with a warning
@@ -101,10 +104,11 @@ def test_resume_refuses_changed_geometry_and_data(tmp_path):
     assert fresh.returncode == 2 and "train.resume=auto" in fresh.stderr
 
 
-def test_nan_step_is_skipped_and_reported(tmp_path):
+@pytest.mark.parametrize("optimizer_state", ["fp32", "compact"])
+def test_nan_step_is_skipped_and_reported(tmp_path, optimizer_state):
     out = tmp_path / "nan"
     result = launch(args_for(tmp_path, "nan", extra=["train.max_steps=3", "train.checkpoint_every=1",
-                                                     "train.export_every=2"]),
+                                                     "train.export_every=2", f"train.optimizer_state={optimizer_state}"]),
                     env_extra={"FASTTRAIN_FAULT": "nan:steps=2"})
     ok(result)
     assert (out / "exports" / "step-00000002" / "model.safetensors").exists()  # periodic HF export
