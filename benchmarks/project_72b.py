@@ -125,6 +125,7 @@ class Cluster:
     hbm_gbps: float = 3000.0  # device copy measured on the H100 here (DESIGN §6)
     card_gib: float = 79.6  # H100 80 GB as the driver reports it
     reserve_gib: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation
+    card: str = "H100"
 
     @property
     def nodes(self) -> int:
@@ -150,6 +151,7 @@ class Strategy:
     recompute: bool = True  # model.activation_checkpointing of the 72B config
     offload: str = "auto"  # auto (offload when the GPU plan does not fit) | on | off
     adam_bytes_per_param: float = 40.0  # see the module docstring
+    optimizer_state: str = "fp32"  # train.optimizer_state: fp32 (16 B/param) | compact (10 B/param)
 
 
 @dataclass
@@ -257,15 +259,31 @@ def scale(m: Measured, tokens: float, rows: float) -> _Micro:
                   m.act_transient_bytes * t, m.lm_head_transient_bytes * r)
 
 
-STATE_ON_GPU = "fp32 master + grads + AdamW m, v (16 B/param / GPUs)"
-STATE_ON_HOST = "fp32 master + grads + AdamW m, v: in host memory (CPU offload)"
+STATE_NAMES = {"fp32": "fp32 master + grads + AdamW m, v",
+               "compact": "bf16 weights + master low bits + bf16 grads + bf16 m, v"}
+# (weight, gradient) bytes per parameter of the sharded state: what CPU offload copies per gather / reduce-scatter
+STATE_COPY_BYTES = {"fp32": (4.0, 4.0), "compact": (2.0, 2.0)}
+# AdamW + clip_grad_norm_ memory traffic per parameter (module docstring); compact: its eager torch ops counted
+# per element (DESIGN §6.4: join 32, moments 46, update 40, split 48, two stochastic roundings 252, copies 16) + clip
+# on bf16 grads 6 = 448 B; a fused kernel would move 24.
+ADAM_BYTES = {("fp32", "fused"): 40.0, ("fp32", "torch"): 84.0, ("compact", "fused"): 448.0,
+              ("compact", "torch"): 448.0}
+CARDS = {  # --card presets: (name, GiB the driver reports, device copy GB/s)
+    "h100": ("H100", 79.6, 3000.0),  # copy measured on the H100 here (DESIGN §6)
+    "h200": ("H200", 140.4, 4300.0),  # 143,771 MiB; ~4.3 TB/s copy (device library KINDS.md, 2026-10-28)
+}
 
 
-def memory_plan(shape: ParamCounts, c: Cluster, mb: _Micro, offload: bool) -> MemoryPlan:
+def memory_plan(shape: ParamCounts, c: Cluster, mb: _Micro, offload: bool, optimizer_state: str = "fp32"
+                ) -> MemoryPlan:
+    from fasttrain.compact_adamw import STATE_BYTES_PER_PARAM
+
     P, Pl, Pr, N = shape.params_total, shape.params_layer, shape.params_root, c.n_gpus
-    state = 0.0 if offload else 16.0 * P / N
+    state_bytes = STATE_BYTES_PER_PARAM[optimizer_state]
+    state = 0.0 if offload else state_bytes * P / N
+    name = STATE_NAMES[optimizer_state]
     items = {
-        STATE_ON_HOST if offload else STATE_ON_GPU: state,
+        f"{name}: in host memory (CPU offload)" if offload else f"{name} ({state_bytes} B/param / GPUs)": state,
         "root (embedding + LM head) gathered bf16, held forward->backward": 2.0 * Pr,
         "root bf16 grads (LM head's from the start of backward)": 2.0 * Pr,
         # two gathered blocks (current + prefetched), one block's bf16 grads and its fp32 reduce-scatter input
@@ -278,19 +296,20 @@ def memory_plan(shape: ParamCounts, c: Cluster, mb: _Micro, offload: bool) -> Me
     end_of_bwd = state + (2.0 + 2.0 + 4.0) * Pr
     reserve = c.reserve_gib * GIB
     items["reserve (CUDA context, NCCL, fragmentation)"] = reserve
-    host = 16.0 * P / N * c.gpus_on_node if offload else 0.0
+    host = state_bytes * P / N * c.gpus_on_node if offload else 0.0
     return MemoryPlan(items, max(during_bwd, end_of_bwd) + reserve, c.card_gib * GIB, host)
 
 
-def _transfers(shape: ParamCounts, c: Cluster, offload: bool) -> dict[str, float]:
+def _transfers(shape: ParamCounts, c: Cluster, offload: bool, optimizer_state: str = "fp32") -> dict[str, float]:
     """Seconds per block (and for the root) of each transfer."""
     pcie = c.pcie_gbps * 1e9
+    weight_b, grad_b = STATE_COPY_BYTES[optimizer_state]
     per = {}
     for name, n in (("layer", shape.params_layer), ("root", shape.params_root)):
         per[f"ag_{name}"] = collective_s(2.0 * n, c)  # bf16 params
         per[f"rs_{name}"] = collective_s(4.0 * n, c)  # fp32 grads
-        per[f"h2d_{name}"] = 4.0 * n / c.n_gpus / pcie if offload else 0.0  # fp32 shard before the gather
-        per[f"d2h_{name}"] = 4.0 * n / c.n_gpus / pcie if offload else 0.0  # fp32 grad shard after the RS
+        per[f"h2d_{name}"] = weight_b * n / c.n_gpus / pcie if offload else 0.0  # the shard before the gather
+        per[f"d2h_{name}"] = grad_b * n / c.n_gpus / pcie if offload else 0.0  # the grad shard after the RS
     return per
 
 
@@ -332,9 +351,9 @@ def plan_memory(shape: ParamCounts, c: Cluster, s: Strategy, mb: _Micro) -> tupl
     if s.offload not in ("auto", "on", "off"):
         raise ValueError(f"offload {s.offload!r}: expected auto, on or off")
     notes: list[str] = []
-    on_gpu = memory_plan(shape, c, mb, offload=False)
+    on_gpu = memory_plan(shape, c, mb, False, s.optimizer_state)
     offload = s.offload == "on" or (s.offload == "auto" and not on_gpu.fits)
-    mem = memory_plan(shape, c, mb, offload=True) if offload else on_gpu
+    mem = memory_plan(shape, c, mb, True, s.optimizer_state) if offload else on_gpu
     if not mem.fits:
         notes.append(f"does not fit even {'with' if offload else 'without'} CPU offload: "
                      f"{mem.peak_bytes / GIB:.1f} GiB > {c.card_gib} GiB")
@@ -360,14 +379,15 @@ def project(shape: ParamCounts, measured: Sequence[Measured], c: Cluster, r: Rec
     n_micro, tokens = _micro_geometry(r, c)
     mb = scale(pick(measured, tokens, s.recompute), tokens, tokens / r.tokens_per_pair * r.lm_rows_per_pair)
     offload, mem, notes = plan_memory(shape, c, s, mb)
-    x = _transfers(shape, c, offload)
+    x = _transfers(shape, c, offload, s.optimizer_state)
     step = step_times(shape, c, s, mb, n_micro, offload, x)
     ref = reference_pass_s(shape, pick(measured, r.token_budget, s.recompute), c, r, x)
     components = {
         "decoder layers fwd" + (" + recompute" if s.recompute else "") + " + bwd": steps * step.layers_compute,
         "LM head fwd + bwd (step rows)": steps * step.lm_head_compute,
         "exposed FSDP comm (AG bf16, RS fp32" + (", H2D/D2H" if offload else "") + ")": steps * step.exposed_comm,
-        f"optimizer step (AdamW + clip on {'CPU, offloaded' if offload else 'GPU'})": steps * step.optimizer,
+        f"optimizer step ({s.optimizer_state} AdamW + clip on {'CPU, offloaded' if offload else 'GPU'})":
+            steps * step.optimizer,
         "reference pass (forward over all pairs once)": ref,
     }
     return Projection(c.n_gpus, c.nodes, steps, n_micro, tokens, offload, step, ref, components, mem, notes)
@@ -653,8 +673,9 @@ def format_assumptions(c: Cluster, r: Recipe, s: Strategy) -> str:
 
 def format_projection(p: Projection, c: Cluster, r: Recipe, s: Strategy) -> list[str]:
     link = "NVLink" if c.nodes == 1 else f"{c.nodes} nodes, IB"
-    title = (f"== {p.n_gpus} x H100 ({link}; bus bandwidth {bus_bandwidth(c) / 1e9:.0f} GB/s) — "
-             f"{'CPU offload' if p.offload else 'no offload'}, recompute {'on' if s.recompute else 'off'} ==")
+    title = (f"== {p.n_gpus} x {c.card} ({link}; bus bandwidth {bus_bandwidth(c) / 1e9:.0f} GB/s) — "
+             f"{'CPU offload' if p.offload else 'no offload'}, recompute {'on' if s.recompute else 'off'}, "
+             f"optimizer state {s.optimizer_state} ==")
     geometry = (f"{p.steps} steps x {p.micro_batches} micro-batch(es) of {p.tokens_per_micro:,.0f} tokens per GPU "
                 f"({r.global_batch} pairs x {r.tokens_per_pair:g} tokens / {p.n_gpus} GPUs); reduce-scatter "
                 "after every micro-batch")
@@ -679,6 +700,25 @@ def format_projection(p: Projection, c: Cluster, r: Recipe, s: Strategy) -> list
         lines.append(f"  {name:<72} {_size(b):>10}")
     lines.extend(f"note: {n}" for n in p.notes)
     return lines
+
+
+def format_state_matrix(args, shape: ParamCounts, measured: list[Measured], recipe: Recipe, strategy: Strategy
+                        ) -> list[str]:
+    """One node of 8 GPUs, every card preset x optimizer state x offload: peak memory per GPU, whether it fits,
+    and the recipe's time (issue 14's table: Qwen2-72B on 8 x 80 GB and 8 x 141 GB, with and without offload)."""
+    rows = [["card", "optimizer state", "offload", "peak GiB / card", "fits", "recipe time"]]
+    single = argparse.Namespace(**{**vars(args), "gpus": "8"})
+    for card in sorted(CARDS):
+        c = clusters(single, card)[0]
+        for state in ("fp32", "compact"):
+            for offload in ("off", "on"):
+                s = dataclasses.replace(strategy, offload=offload, optimizer_state=state,
+                                        adam_bytes_per_param=ADAM_BYTES[state, args.adam])
+                q = project(shape, measured, c, recipe, s)
+                rows.append([f"8 x {c.card}", state, offload, f"{q.memory.peak_bytes / GIB:.1f} / {c.card_gib:g}",
+                             "yes" if q.memory.fits else "NO", _h(q.total_s)])
+    return ["one node, every card x optimizer state x offload (recompute as above):",
+            benchlib.text_table(rows)]
 
 
 def format_verdict(projections: list[Projection]) -> list[str]:
@@ -727,12 +767,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pcie-gbps", type=float, default=Cluster.pcie_gbps, help="host<->GPU per GPU, concurrent")
     ap.add_argument("--host-gbps-per-node", type=float, default=Cluster.host_gbps_per_node,
                     help="host memory bandwidth available to the CPU AdamW of all ranks of a node")
-    ap.add_argument("--hbm-gbps", type=float, default=Cluster.hbm_gbps)
-    ap.add_argument("--card-gib", type=float, default=Cluster.card_gib)
+    ap.add_argument("--card", choices=sorted(CARDS), default="h100",
+                    help="the card: its memory and copy bandwidth, unless --card-gib / --hbm-gbps are given")
+    ap.add_argument("--hbm-gbps", type=float, default=None)
+    ap.add_argument("--card-gib", type=float, default=None)
     ap.add_argument("--reserve-gib", type=float, default=Cluster.reserve_gib)
     ap.add_argument("--offload", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--adam", choices=("torch", "fused"), default="fused",
                     help="AdamW traffic: torch's non-fused update 72 B/param or a fused one 28 B/param (+12 clip)")
+    ap.add_argument("--optimizer-state", choices=("fp32", "compact"), default="fp32",
+                    help="train.optimizer_state: 16 or 10 B/param of sharded state (compact's update: 448 B/param)")
     ap.add_argument("--pairs", type=int, default=Recipe.pairs)
     ap.add_argument("--tokens-per-pair", type=float, default=None,
                     help=f"projected tokens per pair (default {Recipe.tokens_per_pair:g}; --smoke {SMOKE_PAIR[0]:g})")
@@ -767,9 +811,12 @@ def recipe_from_config(path: str, args: argparse.Namespace, smoke: bool) -> tupl
             cfg.model.activation_checkpointing)
 
 
-def clusters(args: argparse.Namespace) -> list[Cluster]:
+def clusters(args: argparse.Namespace, card: str | None = None) -> list[Cluster]:
+    name, gib, hbm = CARDS[card or args.card]
+    if card is None:  # the explicit flags override the chosen card's preset
+        gib, hbm = args.card_gib or gib, args.hbm_gbps or hbm
     return [Cluster(int(n), args.gpus_per_node, args.nvlink_gbps, args.ib_gbps_per_gpu, args.pcie_gbps,
-                    args.host_gbps_per_node, args.hbm_gbps, args.card_gib, args.reserve_gib)
+                    args.host_gbps_per_node, hbm, gib, args.reserve_gib, name)
             for n in args.gpus.split(",")]
 
 
@@ -787,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = ParamCounts.of(cfg)
     recipe, recompute = recipe_from_config(args.config, args, args.smoke)
     cls = clusters(args)
-    strategy = Strategy(recompute, args.offload, (72.0 if args.adam == "torch" else 28.0) + 12.0)
+    strategy = Strategy(recompute, args.offload, ADAM_BYTES[args.optimizer_state, args.adam], args.optimizer_state)
     print(f"model: {'smoke (benchlib tiny)' if args.smoke else 'Qwen2-72B'}, {shape.params_total / 1e9:.2f}B params "
           f"({shape.layers} x {shape.params_layer / 1e6:.1f}M per block + {shape.params_root / 1e6:.1f}M root); "
           f"recipe {recipe.pairs} pairs x {recipe.epochs} epochs, {recipe.global_batch} pairs/step, "
@@ -828,7 +875,7 @@ def format_report(args, shape: ParamCounts, measured: list[Measured], cls: list[
     lines = ["", format_assumptions(cls[0], recipe, strategy)]
     for c, p in zip(cls, projections):
         lines += [""] + format_projection(p, c, recipe, strategy)
-    other = Strategy(not strategy.recompute, args.offload, strategy.adam_bytes_per_param)
+    other = dataclasses.replace(strategy, recompute=not strategy.recompute)
     if any(m.recompute == other.recompute for m in measured):
         lines.append("")
         for c in cls:
@@ -836,6 +883,7 @@ def format_report(args, shape: ParamCounts, measured: list[Measured], cls: list[
             lines.append(f"with recompute {'on' if other.recompute else 'off'} on {c.n_gpus} GPUs: {_h(q.total_s)}, "
                          f"peak {q.memory.peak_bytes / GIB:.1f} GiB ({'fits' if q.memory.fits else 'does not fit'}, "
                          f"{'offload' if q.offload else 'no offload'})")
+    lines += [""] + format_state_matrix(args, shape, measured, recipe, strategy)
     lines.append("")
     if args.smoke:
         lines.append("smoke: a tiny model timed on this machine; the numbers above exercise the code, they project "

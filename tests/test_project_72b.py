@@ -106,6 +106,33 @@ def test_offload_chosen_when_the_plan_exceeds_the_card(pj):
         pj.project(sh, [measured(pj)], big, r, pj.Strategy(offload="maybe"))
 
 
+def test_compact_state_counts_10_bytes_per_param_and_halves_offload_copies(pj):
+    sh, r = shape(pj), recipe(pj)
+    # 10 B x 1e10 / 8 = 1.25e10 B state + 1e10 B blocks in flight = 2.25e10 B: fits 24 GiB, where fp32's 3e10 B
+    # does not
+    card = pj.Cluster(8, card_gib=24.0, **{**FAST, "pcie_gbps": 20.0})
+    fp32 = pj.project(sh, [measured(pj)], card, r, pj.Strategy())
+    compact = pj.project(sh, [measured(pj)], card, r, pj.Strategy(optimizer_state="compact"))
+    assert fp32.offload and not compact.offload and compact.memory.fits
+    assert compact.memory.peak_bytes == pytest.approx(2.25e10)
+    offloaded = pj.project(sh, [measured(pj)], card, r, pj.Strategy(offload="on", optimizer_state="compact"))
+    assert offloaded.memory.host_bytes_per_node == pytest.approx(10 * 1e10)
+    assert offloaded.step.h2d_layer == pytest.approx(2 * 1e9 / 8 / 20e9)  # bf16 shard before every gather
+    assert offloaded.step.d2h_layer == pytest.approx(2 * 1e9 / 8 / 20e9)  # bf16 grad shard after the RS
+
+
+def test_qwen2_72b_state_fits_one_h200_node_only_when_compact(pj):
+    """The state alone, without activations: 72.7B params x 16 B / 8 = 135 GiB > 140.4 GiB - blocks in flight;
+    x 10 B / 8 = 85 GiB."""
+    sh = pj.ParamCounts.of(pj.benchlib.model_config("qwen2-72b"))
+    name, gib, hbm = pj.CARDS["h200"]
+    node = pj.Cluster(8, card_gib=gib, hbm_gbps=hbm, card=name)
+    mb = pj.scale(measured(pj), 1000, 100)
+    assert not pj.memory_plan(sh, node, mb, False, "fp32").fits
+    plan = pj.memory_plan(sh, node, mb, False, "compact")
+    assert plan.fits and plan.items[next(iter(plan.items))] == pytest.approx(10 * sh.params_total / 8)
+
+
 def test_every_micro_batch_pays_its_reduce_scatter(pj):
     """The trainer reduce-scatters after every micro-batch: two micro-batches of 500 tokens expose twice the
     per-micro-batch communication of one, and no unsharded fp32 gradient appears in the memory plan."""

@@ -136,9 +136,10 @@ def h100(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80e9))
 
 
-def _plan(world: int, offload: bool, reference: str) -> None:
+def _plan(world: int, offload: bool, reference: str, optimizer_state: str = "fp32") -> None:
     cfg = RunConfig()
     cfg.model.cpu_offload, cfg.model.compute_dtype, cfg.loss.reference = offload, "bfloat16", reference
+    cfg.train.optimizer_state = optimizer_state
     check_memory_plan(ModelConfig.from_hf_dict(QWEN2_72B), cfg, DistInfo(0, world, 0, torch.device("cuda")))
 
 
@@ -150,12 +151,26 @@ def test_72b_on_8_gpus_needs_offload(h100):
     _plan(32, offload=False, reference="precompute")  # 16 x 72.7e9 / 32 = 36 GB
 
 
+def test_72b_on_one_h200_node_fits_with_compact_state(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=141e9))
+    # fp32: 16 x 72.7e9 / 8 = 145 GB > 85% of 141 GB = 120 GB; compact: 10 x 72.7e9 / 8 = 91 GB fits
+    with pytest.raises(UserError, match=r"16 bytes/param.*train.optimizer_state=compact"):
+        _plan(8, offload=False, reference="precompute")
+    _plan(8, offload=False, reference="precompute", optimizer_state="compact")
+    # + a live reference's 2 B/param: 109 GB, still within 120 GB
+    _plan(8, offload=False, reference="live", optimizer_state="compact")
+    # on 80 GB cards compact alone (91 GB per GPU) does not fit 8 GPUs either
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80e9))
+    with pytest.raises(UserError, match=r"10 bytes/param training state \(train.optimizer_state=compact\)"):
+        _plan(8, offload=False, reference="precompute", optimizer_state="compact")
+
+
 def test_the_live_reference_counts_with_the_training_state(h100):
     # 32 GPUs: 16 B/param alone is 36 GB (fits 85% of 80 GB = 68 GB); a live reference adds 4.5 GB: still fits.
     _plan(32, offload=False, reference="live")
     # 18 GPUs: 16 B/param is 64.6 GB (fits); with the reference's 2 B/param, 72.7 GB does not
     _plan(18, offload=False, reference="precompute")
-    with pytest.raises(UserError, match=r"16 bytes/param training state \+ 2 bytes/param live reference"):
+    with pytest.raises(UserError, match=r"16 bytes/param training state .*\+ 2 bytes/param live reference"):
         _plan(18, offload=False, reference="live")
 
 
