@@ -264,7 +264,7 @@ STATE_NAMES = {"fp32": "fp32 master + grads + AdamW m, v",
 # (weight, gradient) bytes per parameter of the sharded state: what CPU offload copies per gather / reduce-scatter
 STATE_COPY_BYTES = {"fp32": (4.0, 4.0), "compact": (2.0, 2.0)}
 # AdamW + clip_grad_norm_ memory traffic per parameter (module docstring); compact: its eager torch ops counted
-# per element (DESIGN §6.4: join 32, moments 46, update 40, split 48, two stochastic roundings 252, copies 16) + clip
+# per element (DESIGN §6.9: join 32, moments 46, update 40, split 48, two stochastic roundings 252, copies 16) + clip
 # on bf16 grads 6 = 448 B; a fused kernel would move 24.
 ADAM_BYTES = {("fp32", "fused"): 40.0, ("fp32", "torch"): 84.0, ("compact", "fused"): 448.0,
               ("compact", "torch"): 448.0}

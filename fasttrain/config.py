@@ -70,7 +70,7 @@ class TrainSection:
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
-    # What AdamW keeps per parameter (fasttrain/compact_adamw.py, DESIGN §6.4). fp32: fp32 master weights, grads and
+    # What AdamW keeps per parameter (fasttrain/compact_adamw.py, DESIGN §6.9). fp32: fp32 master weights, grads and
     # moments, 16 bytes. compact: bf16 weights + the master's low 16 bits (the fp32 master exactly), bf16 grads,
     # bf16 moments with stochastic rounding, 10 bytes: Qwen2-72B's state fits 8 x 141 GB without CPU offload.
     optimizer_state: str = "fp32"

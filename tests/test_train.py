@@ -51,7 +51,7 @@ def test_two_ranks_equal_one_process_and_first_loss_is_ln2(tmp_path, pairs_per_s
     # micro-batch gradients nearly cancel, the sum keeps bf16 precision of the terms, and AdamW's first,
     # sign-like steps then move such weights by up to +-lr differently for other micro-batch splits (seen:
     # 2.7e-3 at lr 2e-3 with 2 micro-batches per rank vs 4 in one process). One micro-batch per rank per step
-    # rounds each gradient once, after the fp32 reduce-scatter, as one process does (DESIGN §6.4).
+    # rounds each gradient once, after the fp32 reduce-scatter, as one process does (DESIGN §6.9).
     budget = 1024 if optimizer_state == "fp32" else 8192
     geometry.append(f"train.tokens_per_micro_batch={budget}")
     one = run_fasttrain(common_overrides(tmp_path, "one", data) + geometry, nproc=1)
