@@ -258,6 +258,20 @@ def test_recipe_updates_are_kept_by_compact_state_and_lost_by_bf16_weights(tmp_p
     assert relative(m_compact, m_fp32) <= 0.10, relative(m_compact, m_fp32)
     assert relative(m_bf16, m_fp32) >= 0.5, relative(m_bf16, m_fp32)
 
+    # the HF export writes the joined fp32 masters, and auto picks float32 since bf16 would lose the update
+    from safetensors.torch import load_file
+
+    from fasttrain.compact_adamw import master_local
+    from fasttrain.export import export_hf
+
+    report = export_hf(compact_run.model, compact_run.cfg, tmp_path / "export", compact_run.dist, False,
+                       compact_run.optimizer)
+    assert report.dtype == "float32" and report.update_error["bfloat16"] > 0.5
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    for name, p in compact_run.model.named_parameters():
+        if name in exported:  # a tied LM head is written once, as the embedding
+            assert torch.equal(exported[name], master_local(compact_run.optimizer, p, name)), name
+
     # persistent state measured from the tensors, with the gradient of one more micro-batch in place
     from fasttrain.trainer import run_micro_batch
 
