@@ -40,6 +40,7 @@ times, the model's parameter counts (``fasttrain.model.config.num_params``), the
     python benchmarks/project_72b.py                       # measure on the GPU, project 8 and 32 GPUs
     python benchmarks/project_72b.py --smoke               # tiny shape, runs on a CPU in seconds
     python benchmarks/project_72b.py --from-json m.json    # re-project saved measurements with other flags
+    python benchmarks/project_72b.py --predict-mfu 0.5 --card h200 --optimizer-state compact   # no GPU: predicted
 """
 from __future__ import annotations
 
@@ -721,13 +722,13 @@ def format_state_matrix(args, shape: ParamCounts, measured: list[Measured], reci
             benchlib.text_table(rows)]
 
 
-def format_verdict(projections: list[Projection]) -> list[str]:
+def format_verdict(projections: list[Projection], card: str = "H100") -> list[str]:
     eight = [p for p in projections if p.n_gpus == 8]
     if not eight:
         return []
     p = eight[0]
     ok = p.total_s <= TARGET_HOURS * 3600
-    lines = [f"target <= {TARGET_HOURS:g} h on 8 x H100: projected {_h(p.total_s)} -> {'MET' if ok else 'MISSED'}"]
+    lines = [f"target <= {TARGET_HOURS:g} h on 8 x {card}: projected {_h(p.total_s)} -> {'MET' if ok else 'MISSED'}"]
     if not ok:
         budget = optimizer_budget_s(p, TARGET_HOURS * 3600)
         lines.append(f"  to meet it the optimizer step would have to take <= {budget:.2f} s/step "
@@ -785,6 +786,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          f"--smoke {SMOKE_PAIR[1]:g})")
     ap.add_argument("--json", default="", help="write measurements and projections here")
     ap.add_argument("--from-json", default="", help="skip measuring: re-project the measurements of a --json file")
+    ap.add_argument("--predict-mfu", type=float, default=0.0,
+                    help="skip measuring: PREDICT layer times at this fraction of the card's bf16 ceiling (no GPU)")
     args = ap.parse_args(argv)
     smoke = {"warmup": 1, "reps": 3, "prompt_len": (16, 48), "step_len": (4, 12)}
     full = {"warmup": 3, "reps": 10, "prompt_len": (96, 512), "step_len": (16, 128)}
@@ -856,10 +859,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def predicted_measurements(cfg: ModelConfig, recipe: Recipe, tokens: Sequence[int], mfu: float, peak_tflops: float
+                           ) -> list[Measured]:
+    """PREDICTED per-layer numbers in place of measured ones (--predict-mfu): every matmul at ``mfu`` of the card's
+    bf16 ceiling, attention counted for the recipe's prefix-shared pairs, activations in bf16 from the shapes.
+
+    FLOPs per layer, T tokens: forward 2 * params_layer * T + 4 * q_dim * A (QK^T and PV over A attended keys);
+    backward 2x forward, + 1x forward recompute. A per pair = prompt^2 / 2 + 2 * step * (prompt + step / 2).
+    LM head: 2 * D * V per row forward, 3x that with backward. Bytes kept per layer: the block input (2 T D) under
+    recompute, else what one layer's backward reads, estimated 2 T (8 D + 3 F); the transient is the latter too.
+    """
+    per_layer = (num_params(cfg, include_embeddings=False) - cfg.hidden_size) / cfg.num_hidden_layers
+    step = recipe.lm_rows_per_pair / 2
+    prompt = recipe.tokens_per_pair - 2 * step
+    attended_per_token = (prompt**2 / 2 + 2 * step * (prompt + step / 2)) / recipe.tokens_per_pair
+    rate = mfu * peak_tflops * 1e12
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    out = []
+    for T in tokens:
+        rows = T / recipe.tokens_per_pair * recipe.lm_rows_per_pair
+        fwd = (2 * per_layer * T + 4 * cfg.q_dim * attended_per_token * T) / rate
+        layer_bytes = 2.0 * T * (8 * D + 3 * F)
+        for recompute in (True, False):
+            out.append(Measured(int(T), int(rows), recompute, fwd, (3 if recompute else 2) * fwd, fwd,
+                                6 * D * V * rows / rate, 2 * D * V * rows / rate,
+                                2.0 * T * D if recompute else layer_bytes, layer_bytes, 4.0 * rows * V,
+                                memory_source=f"PREDICTED at {mfu:.0%} MFU, not measured"))
+    return out
+
+
 def load_or_measure(args: argparse.Namespace, cfg: ModelConfig, recipe: Recipe, cls: list[Cluster]) -> list[Measured]:
-    """The measurements of --from-json, else measured here (and their table printed)."""
+    """The measurements of --from-json, else predicted (--predict-mfu), else measured here (table printed)."""
     if args.from_json:
         return [Measured(**m) for m in json.loads(Path(args.from_json).read_text())["measured"]]
+    if args.predict_mfu:
+        if not 0 < args.predict_mfu <= 1:
+            raise ValueError(f"--predict-mfu {args.predict_mfu}: expected a fraction in (0, 1]")
+        peak = peak_bf16_tflops(f"NVIDIA {cls[0].card}").tflops or H100_BF16_TFLOPS
+        print(f"PREDICTED, not measured: every layer and the LM head at {args.predict_mfu:.0%} of {peak:.0f} "
+              "TFLOP/s (predicted_measurements' docstring has the model)")
+        return predicted_measurements(cfg, recipe, default_token_counts(recipe, cls), args.predict_mfu, peak)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         raise ValueError("no CUDA device: the 72B measurement needs a GPU (use --smoke on a CPU, or --from-json)")
@@ -888,7 +927,7 @@ def format_report(args, shape: ParamCounts, measured: list[Measured], cls: list[
     if args.smoke:
         lines.append("smoke: a tiny model timed on this machine; the numbers above exercise the code, they project "
                      "nothing")
-    return lines + format_verdict(projections)
+    return lines + format_verdict(projections, cls[0].card)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,22 @@ def test_qwen2_72b_state_fits_one_h200_node_only_when_compact(pj):
     assert plan.fits and plan.items[next(iter(plan.items))] == pytest.approx(10 * sh.params_total / 8)
 
 
+def test_predicted_layers_follow_the_flop_count(pj):
+    """--predict-mfu: no GPU, every number a labelled prediction from FLOPs at a given fraction of the ceiling."""
+    cfg = pj.benchlib.model_config("qwen2-72b")
+    r = pj.Recipe(tokens_per_pair=350.0, lm_rows_per_pair=90.0)
+    rows = pj.predicted_measurements(cfg, r, [5600], 0.5, 800.0)
+    on, off = rows
+    assert on.recompute and not off.recompute and "PREDICTED" in on.memory_source
+    per_layer = pj.ParamCounts.of(cfg).params_layer
+    attended = (260**2 / 2 + 2 * 45 * (260 + 22.5)) / 350  # keys per token of a 260 + 45 + 45 pair
+    fwd = (2 * per_layer * 5600 + 4 * cfg.q_dim * attended * 5600) / 400e12
+    assert on.layer_fwd_s == pytest.approx(fwd) and on.layer_bwd_s == pytest.approx(3 * fwd)
+    assert off.layer_bwd_s == pytest.approx(2 * fwd)
+    assert on.lm_head_train_s == pytest.approx(6 * 8192 * 152064 * 1440 / 400e12)  # 5600 / 350 * 90 rows
+    assert on.act_saved_bytes_per_layer == 2 * 5600 * 8192 < off.act_saved_bytes_per_layer
+
+
 def test_every_micro_batch_pays_its_reduce_scatter(pj):
     """The trainer reduce-scatters after every micro-batch: two micro-batches of 500 tokens expose twice the
     per-micro-batch communication of one, and no unsharded fp32 gradient appears in the memory plan."""
