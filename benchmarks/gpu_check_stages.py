@@ -169,7 +169,8 @@ def stage_correctness(ctx) -> None:
     n_att = timed("attention", check_attention, ctx, dev, attention_stop)
     n_lm = timed("LM head", check_lm_head, ctx, dev)
     n_model = timed("whole model", check_whole_model, ctx, dev)
-    ctx.summary(f"attention {n_att}, LM head {n_lm}, whole model {n_model}"
+    n_compact = timed("compact optimizer", check_compact_optimizer, ctx, dev)
+    ctx.summary(f"attention {n_att}, LM head {n_lm}, whole model {n_model}, compact AdamW {n_compact}"
                 + ("" if not ctx.failures else f"; {len(ctx.failures)} over tolerance"))
 
 
@@ -317,6 +318,51 @@ def check_whole_model(ctx, dev) -> str:
             ctx.check(False, f"whole model {backend}: {first_line(e)}")
         total += 1
     return f"{passed}/{total} ok" if total else "none run"
+
+
+def check_compact_optimizer(ctx, dev) -> str:
+    """train.optimizer_state=compact on this device (DESIGN §6.9): the fp32 split round-trips bit for bit; the
+    stochastic-rounding bits equal the CPU's (int32 wrap-around, so a run resumed on other hardware rounds the
+    same); with fp32 moments every step equals torch.optim.AdamW's bit for bit; and one step's time against
+    torch's fused fp32 AdamW on the same parameters."""
+    import bench_optimizer
+
+    from fasttrain.compact_adamw import CompactAdamW, join_fp32, split_fp32, stochastic_round_bf16
+
+    table = ctx.table("compact optimizer state (CompactAdamW) on this device", ["check", "result", "verdict"])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 20, generator=gen) * torch.exp2(torch.randint(-30, 30, (1 << 20,), generator=gen).float())
+    high, low = split_fp32(x.to(dev))
+    checks = {
+        "split / join round trip": torch.equal(join_fp32(high, low).cpu().view(torch.int32), x.view(torch.int32)),
+        "split equals the CPU's": torch.equal(high.cpu().view(torch.int16), split_fp32(x)[0].view(torch.int16)),
+        "rounding bits equal the CPU's": torch.equal(stochastic_round_bf16(x.to(dev), 12345, 7).cpu().view(
+            torch.int16), stochastic_round_bf16(x, 12345, 7).view(torch.int16)),
+    }
+    start = (torch.randn(1000, 257, generator=gen) * 0.02).bfloat16()
+    ref = torch.nn.Parameter(start.float().to(dev))
+    ours = torch.nn.Parameter(start.to(dev))
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt_ref = torch.optim.AdamW([ref], foreach=False, **kw)
+    opt = CompactAdamW([ours], moment_dtype=torch.float32, **kw)
+    for _ in range(3):
+        g = (torch.randn(1000, 257, generator=gen) * 1e-3).bfloat16().to(dev)
+        ref.grad, ours.grad = g.float(), g
+        opt_ref.step()
+        opt.step()
+    checks["fp32 moments == torch AdamW, 3 steps"] = torch.equal(opt.master_local(ours), ref.detach())
+    passed = 0
+    for name, ok in checks.items():
+        table.add(name, "bit for bit" if ok else "differs", "ok" if ok else "FAIL")
+        ctx.check(ok, f"compact optimizer: {name} failed")
+        passed += ok
+    shapes = bench_optimizer.parameter_shapes(**(bench_optimizer.SMOKE if ctx.rehearsal else bench_optimizer.HUNDRED_M))
+    rows = bench_optimizer.measure(shapes, dev, 1, 3)
+    base = rows[1]["step_s"]  # fused fp32
+    for r in rows:
+        table.add(f"step time: {r['variant']}", f"{r['step_s'] * 1e3:.2f} ms ({r['step_s'] / base:.2f}x fused fp32), "
+                  f"{r['bytes_per_param']:.2f} B/param", "measured")
+    return f"{passed}/{len(checks)} ok"
 
 
 # ----------------------------------------------------------------------------------------------
