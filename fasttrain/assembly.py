@@ -285,6 +285,8 @@ def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, po
                    "lm_head": policy.lm_head_impl}
             if cfg.model.compile:  # fused kernels round differently; only set when on, so eager keys are unchanged
                 key["compile"] = True
+            if cfg.train.optimizer_state == "compact":  # the policy starts from bf16 weights (an fp32 source rounded)
+                key["optimizer_state"] = "compact"
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
             table, cached = load_or_compute_table(Path(cfg.data.cache_dir) / "reference" / f"{digest}.pt", key,
                                                   compute, dist_info.is_main, dist_info.device)

@@ -284,3 +284,42 @@ def test_recipe_updates_are_kept_by_compact_state_and_lost_by_bf16_weights(tmp_p
     state_bytes += sum(local(t).nbytes for p in run.params for t in run.optimizer.state[p].values() if t.dim())
     assert state_bytes / n <= 10, state_bytes / n
     assert all(p.grad is not None and local(p.grad).dtype == torch.bfloat16 for p in run.params)
+
+
+def test_an_fp32_checkpoint_starts_from_its_bf16_rounding_with_its_own_reference(tmp_path, caplog):
+    """A float32 source: compact starts from its bf16 rounding (said once), and the precomputed reference is
+    that starting point's, not an fp32-state run's table from the same cache (first loss exactly ln 2)."""
+    import shutil
+
+    from cli_runner import DEMO
+    from safetensors.torch import load_file, save_file
+
+    from fasttrain import distributed as fdist
+    from fasttrain.assembly import build_run, check_inputs
+    from fasttrain.config import load_config
+    from fasttrain.trainer import TrainLoop
+
+    source = tmp_path / "fp32-model"
+    shutil.copytree(DEMO / "model", source)
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: v.float() * (1 + 1e-3 * torch.randn(v.shape, generator=gen))  # not bf16-representable
+               for k, v in load_file(source / "model.safetensors").items()}
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join((DEMO / "data" / "train.jsonl").read_text().splitlines(True)[:8]))
+    first_losses = {}
+    for state in ("fp32", "compact"):
+        cfg = load_config(str(DEMO / "demo.yaml"), [
+            f"model.path={source}", f"data.train={data}", "data.eval=", f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1", "train.global_batch_pairs=4",
+            "train.tokens_per_micro_batch=1024", "train.progress_bar=false", f"train.optimizer_state={state}"])
+        cfg.validate()
+        dist_info = fdist.init_distributed()
+        with caplog.at_level("WARNING", logger="fasttrain"):
+            run = build_run(cfg, dist_info, check_inputs(cfg, dist_info))
+        rows = _Rows()
+        TrainLoop.from_run(run, rows).run(run.inputs.plans, 1)
+        first_losses[state] = rows[0]["loss"]
+    assert "holds F32 weights; training starts from them rounded to bfloat16" in caplog.text
+    assert first_losses["compact"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first_losses["fp32"] == pytest.approx(math.log(2), abs=1e-6)
