@@ -1,0 +1,266 @@
+"""Speed of light of one Step-DPO training step: per component, the FLOPs, the bytes moved, the lower-bound time
+max(FLOPs / bf16 ceiling, bytes / HBM bandwidth), then the predicted step time, pairs/s and MFU. Every number it
+prints is PREDICTED, never measured (issue 15, part 3).
+
+    python benchmarks/roofline.py                                  # the default scenarios on an H100 and an H200
+    python benchmarks/roofline.py --card h200 --peak-tflops 790 --hbm-gbps 4300   # ceilings gpu_check measured
+    python benchmarks/roofline.py --ceilings results/gpu_check.json               # ... read from its output
+
+The model (T tokens per GPU per micro-batch, R LM-head rows, A attended key pairs, P_l one block's parameters,
+L blocks, D hidden, F FFN width, V vocabulary, q / kv the attention widths; bf16 activations, 2 B):
+
+* block GEMMs: 2 P_l T FLOPs per pass and block; passes: forward 1, backward 2 (dX, dW), recompute 1 more
+  forward under full activation checkpointing. Bytes: the block's bf16 weights read once per pass (+ its
+  gradient written in backward) and every GEMM's input and output, 2 T (4 D + 2 q + 2 kv + 3 F) per pass.
+* attention: 4 q A FLOPs forward (QK^T, PV); backward 2.5x forward (flash-attention's recompute of P); bytes:
+  q, k, v, o once per pass, 2 T (2 q + 2 kv).
+* element-wise and norms: no FLOPs that matter; bytes per token per block and pass 2 (10 D + 2 (q + kv) + 3 F):
+  two RMSNorms (read, write), two residual adds (2 reads, 1 write), RoPE on q and k, SwiGLU (2 reads, 1 write).
+  Backward counts twice.
+* LM head: 2 D V R forward, 4 D V R backward; bytes: the bf16 head read per pass, and where the logits are
+  materialised (TRL) 30 B per logit: bf16 out 2, fp32 upcast 2 + 4, log_softmax 4 + 4, its backward 4 + 4 + 4,
+  the cast back 2 + 4 (fasttrain's kernels never write them).
+* optimizer: parameters per GPU x its traffic per parameter: fused fp32 AdamW + clip 40 B, torch's for-each 84 B,
+  compact state 448 B (docs/DESIGN.md §6.9).
+* FSDP2 (N > 1): a bf16 all-gather per forward and per backward pass, an fp32 reduce-scatter per micro-batch,
+  ring time bytes (N-1)/N / bus bandwidth; overlapped with the blocks' compute except one block's gather and
+  one block's reduce-scatter per micro-batch (FSDP2 prefetches one block ahead).
+
+Every compute component runs at its bound, one after the other; the step is their sum + the exposed
+communication + the optimizer. MFU counts the work fasttrain needs (fasttrain.flops.FlopModel: no recompute, no
+padding, LM head on step rows only) over the step time x ceiling x GPUs, for both setups.
+
+TRL's setup (DPOTrainer): each pair is two sequences, prompt + chosen and prompt + rejected, right-padded to
+the longest in the micro-batch (padding factor = padded / real tokens), full-vocabulary logits on every token,
+fp32 master weights cast to bf16 by autocast in every pass (6 B per parameter and pass), torch's for-each AdamW.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import benchlib
+
+from fasttrain.flops import FlopModel, peak_bf16_tflops
+from fasttrain.model.config import ModelConfig, num_params
+
+# TRL's measured step (issue 5): DPOTrainer with precompute_ref_log_probs on one H100 80GB, Qwen2-1.5B shape,
+# 2048 synthetic pairs (mean prompt 308, steps 72 tokens), batch 8 x accumulation 2, gradient checkpointing:
+# 13.7 pairs/s = 16 pairs in 1.17 s.
+TRL_MEASURED_STEP_S = 16 / 13.7
+LOGIT_BYTES_MATERIALISED = 30.0
+OPTIMIZER_BYTES = {"fused": 40.0, "foreach": 84.0, "compact": 448.0}
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    bf16_tflops: float
+    hbm_gbps: float
+    bus_gbps: float  # NCCL ring bus bandwidth between the node's GPUs
+
+
+CARDS = {
+    # ceilings: fasttrain.flops.peak_bf16_tflops (H100 measured 785; H200 the same chip, predicted) and the device
+    # copies measured (H100 3.0 TB/s, DESIGN §6.8; H200 4.3 TB/s, the device library's KINDS.md); NVLink 4 bus
+    # ~360 GB/s (450 per direction, ~80%)
+    "h100": Card("H100", peak_bf16_tflops("NVIDIA H100 80GB HBM3").tflops, 3000.0, 360.0),
+    "h200": Card("H200", peak_bf16_tflops("NVIDIA H200").tflops, 4300.0, 360.0),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    shape: str  # benchlib.SHAPES key
+    gpus: int
+    pairs_per_step: int  # all GPUs together
+    prompt_tokens: float  # mean per pair
+    step_tokens: float  # mean per step, each of chosen and rejected
+    micro_batches: int = 1  # per GPU per step
+    recompute: bool = True  # full activation checkpointing of every block
+    optimizer: str = "fused"  # OPTIMIZER_BYTES key
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    prefix_shared: bool = True  # the prompt once per pair (fasttrain), else once per sequence (TRL)
+    padding_factor: float = 1.0  # padded tokens / real tokens
+    logits_on_every_token: bool = False  # TRL: full-vocabulary logits on every position, materialised
+    cast_weights_each_pass: bool = False  # fp32 master weights + autocast: a bf16 copy made per pass
+
+
+FASTTRAIN = Setup("fasttrain")
+TRL = Setup("TRL DPOTrainer", prefix_shared=False, logits_on_every_token=True, cast_weights_each_pass=True)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    flops: float
+    bytes: float
+    seconds: float  # lower bound: max(flops / ceiling, bytes / bandwidth), or link time for communication
+
+
+@dataclass(frozen=True)
+class Prediction:
+    workload: Workload
+    setup: Setup
+    card: Card
+    components: list[Component]
+    step_s: float
+    pairs_per_s: float
+    mfu: float
+
+
+def _bound(name: str, flops: float, nbytes: float, card: Card) -> Component:
+    return Component(name, flops, nbytes, max(flops / (card.bf16_tflops * 1e12), nbytes / (card.hbm_gbps * 1e9)))
+
+
+def geometry(w: Workload, s: Setup) -> tuple[float, float, float]:
+    """(tokens, LM-head rows, attended key pairs) per GPU per micro-batch."""
+    pairs = w.pairs_per_step / w.gpus / w.micro_batches
+    p, st = w.prompt_tokens, w.step_tokens
+    if s.prefix_shared:
+        tokens = pairs * (p + 2 * st)
+        attended = pairs * (p * p / 2 + 2 * st * (p + st / 2))
+    else:
+        tokens = pairs * 2 * (p + st) * s.padding_factor
+        attended = pairs * 2 * ((p + st) * s.padding_factor) ** 2 / 2
+    rows = tokens if s.logits_on_every_token else pairs * 2 * st
+    return tokens, rows, attended
+
+
+def predict(w: Workload, s: Setup, card: Card) -> Prediction:
+    cfg: ModelConfig = benchlib.model_config(w.shape)
+    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    q, kv = cfg.q_dim, cfg.kv_dim
+    p_layer = (num_params(cfg, include_embeddings=False) - D) / L
+    params = num_params(cfg)
+    T, R, A = geometry(w, s)
+    m = w.micro_batches
+    passes_fwd = 2 if w.recompute else 1  # forward + the recompute forward
+    gemm_io = 2 * T * (4 * D + 2 * q + 2 * kv + 3 * F)
+    elementwise = 2 * T * (10 * D + 2 * (q + kv) + 3 * F)
+    cast = 6 * p_layer * L if s.cast_weights_each_pass else 0.0  # read fp32 4 + write bf16 2 per pass
+
+    def blocks(passes: float, backward: bool) -> tuple[float, float]:
+        flops = 2 * p_layer * T * L * passes
+        nbytes = passes * (2 * p_layer * L + gemm_io * L) + (2 * p_layer * L if backward else 0) + passes * cast
+        return flops, nbytes
+
+    comps = []
+    f, b = blocks(1, False)
+    comps.append(_bound("block GEMMs, forward", m * f, m * b, card))
+    f, b = blocks(2, True)
+    comps.append(_bound("block GEMMs, backward", m * f, m * b, card))
+    attn_fwd = 4 * q * A * L
+    attn_io = 2 * T * (2 * q + 2 * kv) * L
+    comps.append(_bound("attention, forward + backward", m * attn_fwd * 3.5, m * attn_io * 3, card))
+    comps.append(_bound("element-wise and norms, forward + backward", 0.0, m * elementwise * L * 3, card))
+    if w.recompute:
+        f, b = blocks(1, False)
+        comps.append(_bound("recompute (GEMMs, attention, element-wise)", m * (f + attn_fwd),
+                            m * (b + attn_io + elementwise * L), card))
+    head = 2 * D * V
+    logits = LOGIT_BYTES_MATERIALISED * R * V if s.logits_on_every_token else 0.0
+    comps.append(_bound("LM head, forward + backward", m * 3 * head * R, m * (3 * D * V * 2 + logits), card))
+    comps.append(_bound(f"optimizer step ({w.optimizer})", 0.0, params / w.gpus * OPTIMIZER_BYTES[w.optimizer], card))
+    if w.gpus > 1:
+        ring = (w.gpus - 1) / w.gpus / (card.bus_gbps * 1e9)
+        gather = 2 * params * ring * (passes_fwd + 1)  # forward, recompute, backward (blocks reshard after forward)
+        scatter = 4 * params * ring
+        comm = m * (gather + scatter)
+        compute = sum(c.seconds for c in comps if not c.name.startswith("optimizer"))
+        exposed = max(comm - compute, 0.0) + m * (gather + scatter) / L  # the first gather and the last scatter
+        comps.append(Component(f"FSDP2 all-gather + reduce-scatter ({comm * 1e3:.0f} ms on the link, overlapped)",
+                               0.0, m * params * (2 * (passes_fwd + 1) + 4) * (w.gpus - 1) / w.gpus, exposed))
+    step = sum(c.seconds for c in comps)
+    needed = FlopModel.of(cfg).batch(int(geometry(w, FASTTRAIN)[0]), int(geometry(w, FASTTRAIN)[2]),
+                                     int(geometry(w, FASTTRAIN)[1]), train=True) * m
+    mfu = needed / (step * card.bf16_tflops * 1e12)
+    return Prediction(w, s, card, comps, step, w.pairs_per_step / step, mfu)
+
+
+def scenarios() -> list[tuple[str, Workload, Setup]]:
+    """The shapes issue 15 names: Qwen2-1.5B and Llama-3-8B on one GPU, Qwen2-72B on 8 GPUs of a node with fp32
+    and with compact optimizer state; and TRL's measured setup (issue 5's shape, padding of its lengths)."""
+    trl_shape = Workload("qwen2-1.5b", 1, 16, 308.0, 72.0, micro_batches=2, optimizer="foreach")
+    pad = trl_padding_factor()
+    return [
+        ("Qwen2-1.5B, 1 GPU, 128 pairs/step", Workload("qwen2-1.5b", 1, 128, 260.0, 45.0, micro_batches=4), FASTTRAIN),
+        ("Llama-3-8B, 1 GPU, 128 pairs/step", Workload("llama3-8b", 1, 128, 260.0, 45.0, micro_batches=4), FASTTRAIN),
+        ("Qwen2-72B, 8 GPUs, fp32 state", Workload("qwen2-72b", 8, 128, 260.0, 45.0, micro_batches=1), FASTTRAIN),
+        ("Qwen2-72B, 8 GPUs, compact state",
+         Workload("qwen2-72b", 8, 128, 260.0, 45.0, micro_batches=1, optimizer="compact"), FASTTRAIN),
+        ("issue 5's shape, fasttrain", replace(trl_shape, optimizer="fused"), FASTTRAIN),
+        (f"issue 5's shape, TRL (padding x{pad:.2f})", trl_shape, replace(TRL, padding_factor=pad)),
+    ]
+
+
+def trl_padding_factor(prompt=(96, 512), step=(16, 128), sequences: int = 16, draws: int = 4000, seed: int = 0
+                       ) -> float:
+    """Padded / real tokens of ``sequences`` right-padded sequences of uniform prompt + step lengths (issue 5's
+    synthetic data, 8 pairs x 2 sequences per micro-batch), by sampling."""
+    import random
+
+    rng = random.Random(seed)
+    real = padded = 0
+    for _ in range(draws):
+        lengths = [rng.randint(*prompt) + rng.randint(*step) for _ in range(sequences)]
+        real += sum(lengths)
+        padded += max(lengths) * sequences
+    return padded / real
+
+
+def card_from(args) -> Card:
+    card = CARDS[args.card]
+    if args.ceilings:
+        stages = json.loads(Path(args.ceilings).read_text())["stages"]
+        env = next(s for s in stages if s["key"] == "env")["data"]
+        card = replace(card, bf16_tflops=env.get("bf16_tflops") or card.bf16_tflops,
+                       hbm_gbps=env.get("copy_gbps") or card.hbm_gbps)
+    return replace(card, bf16_tflops=args.peak_tflops or card.bf16_tflops, hbm_gbps=args.hbm_gbps or card.hbm_gbps,
+                   bus_gbps=args.bus_gbps or card.bus_gbps)
+
+
+def format_prediction(title: str, p: Prediction) -> list[str]:
+    rows = [["component", "TFLOP", "GB moved", "lower bound (ms)", "share"]]
+    for c in p.components:
+        rows.append([c.name, f"{c.flops / 1e12:.2f}", f"{c.bytes / 1e9:.1f}", f"{c.seconds * 1e3:.1f}",
+                     f"{c.seconds / p.step_s:.0%}"])
+    return [f"== PREDICTED: {title} on {p.workload.gpus} x {p.card.name} ({p.setup.name}) ==",
+            benchlib.text_table(rows),
+            f"step {p.step_s:.3f} s, {p.pairs_per_s:.1f} pairs/s, MFU {p.mfu:.0%} (the work fasttrain needs, over "
+            f"{p.card.bf16_tflops:.0f} TFLOP/s x {p.workload.gpus}), HBM {p.card.hbm_gbps:.0f} GB/s", ""]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--card", choices=sorted(CARDS), default=None, help="one card (default: both)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 ceiling to use (e.g. gpu_check's)")
+    ap.add_argument("--hbm-gbps", type=float, default=None, help="copy bandwidth to use (e.g. gpu_check's)")
+    ap.add_argument("--bus-gbps", type=float, default=None, help="NCCL bus bandwidth between the GPUs")
+    ap.add_argument("--ceilings", default="", help="gpu_check.json: its stage 0 ceilings replace the card's")
+    args = ap.parse_args(argv)
+    lines = []
+    for key in [args.card] if args.card else sorted(CARDS):
+        card = card_from(argparse.Namespace(**{**vars(args), "card": key}))
+        for title, workload, setup in scenarios():
+            lines += format_prediction(title, predict(workload, setup, card))
+    h100 = card_from(argparse.Namespace(**{**vars(args), "card": "h100"}))
+    trl = next(predict(w, s, h100) for t, w, s in scenarios() if s.name.startswith("TRL"))
+    lines.append(f"check against one measurement: TRL on one H100 (issue 5) took {TRL_MEASURED_STEP_S:.2f} s per "
+                 f"16-pair step; the model's lower bound is {trl.step_s:.2f} s: measured / predicted = "
+                 f"{TRL_MEASURED_STEP_S / trl.step_s:.2f} (the model predicts the speed of light, so this is how "
+                 "far from it TRL runs, not an error bar on fasttrain)")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
