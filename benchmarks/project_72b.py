@@ -810,8 +810,10 @@ def recipe_from_config(path: str, args: argparse.Namespace, smoke: bool) -> tupl
     tokens, rows = SMOKE_PAIR if smoke else (Recipe.tokens_per_pair, Recipe.lm_rows_per_pair)
     tokens = tokens if args.tokens_per_pair is None else args.tokens_per_pair
     rows = rows if args.lm_rows_per_pair is None else args.lm_rows_per_pair
+    # The projection measures blocks with full recompute or none; selective and auto are projected as full
+    # (an upper bound on their time).
     return (Recipe(args.pairs, int(epochs), cfg.train.global_batch_pairs, budget, tokens, rows),
-            cfg.model.activation_checkpointing)
+            cfg.model.activation_checkpointing != "none")
 
 
 def clusters(args: argparse.Namespace, card: str | None = None) -> list[Cluster]:

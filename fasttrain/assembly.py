@@ -153,7 +153,7 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
                         dtype=(torch.bfloat16 if compact else torch.float32) if trainable else compute_dtype)
     model.set_attention_backend(backend)
     model.lm_head_impl = resolve_lm_head(cfg.model.lm_head_impl, dist_info.device)
-    model.activation_checkpointing = cfg.model.activation_checkpointing and trainable
+    model.activation_checkpointing = resolve_checkpointing(cfg, model_cfg, dist_info) if trainable else "none"
     # Set before fully_shard like torchtitan's per-block compile; the compiled regions run inside the
     # block's forward, so FSDP2's hooks and the checkpointing stay outside them.
     model.compile_blocks = cfg.model.compile
@@ -218,15 +218,11 @@ def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo) -> N
     """
     if dist_info.device.type != "cuda":
         return
-    from fasttrain.compact_adamw import STATE_BYTES_PER_PARAM
     from fasttrain.model.config import num_params
 
     n = num_params(model_cfg)
-    policy_bytes = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM[cfg.train.optimizer_state]
-    reference_bytes = (torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
-                       if cfg.loss.reference == "live" else 0)
-    bytes_per_param = policy_bytes + reference_bytes
-    need = n * bytes_per_param / dist_info.world_size
+    policy_bytes, reference_bytes = state_bytes_per_param(cfg)
+    need = n * (policy_bytes + reference_bytes) / dist_info.world_size
     have = torch.cuda.get_device_properties(dist_info.device).total_memory
     if need > 0.85 * have:
         parts = [f"{policy_bytes} bytes/param training state (train.optimizer_state={cfg.train.optimizer_state})"]
@@ -238,6 +234,41 @@ def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo) -> N
             f"{have / 2**30:.0f} GiB. Use more GPUs (nodes), train.optimizer_state=compact, model.cpu_offload=true, "
             "or loss.reference=precompute."
         )
+
+
+def state_bytes_per_param(cfg: RunConfig) -> tuple[int, int]:
+    """(training state, live reference) bytes per parameter on the GPU, sharded over all ranks."""
+    from fasttrain.compact_adamw import STATE_BYTES_PER_PARAM
+
+    policy_bytes = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM[cfg.train.optimizer_state]
+    reference_bytes = (torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
+                       if cfg.loss.reference == "live" else 0)
+    return policy_bytes, reference_bytes
+
+
+def resolve_checkpointing(cfg: RunConfig, model_cfg, dist_info: fdist.DistInfo) -> str:
+    """model.activation_checkpointing as a mode; ``auto`` resolved once from the memory model (DESIGN §6.10) and
+    logged with the numbers that decided it."""
+    from fasttrain.model.decoder import checkpointing_mode
+
+    setting = cfg.model.activation_checkpointing
+    if setting != "auto":
+        return checkpointing_mode(setting)
+    if dist_info.device.type != "cuda":
+        log.info("model.activation_checkpointing=auto -> none: on a CPU activations live in host memory, which "
+                 "nothing plans")
+        return "none"
+    from fasttrain import activation_memory
+    from fasttrain.model.config import num_params
+
+    policy_bytes, reference_bytes = state_bytes_per_param(cfg)
+    state = num_params(model_cfg) * (policy_bytes + reference_bytes) / dist_info.world_size
+    choice = activation_memory.choose(model_cfg, cfg.train.tokens_per_micro_batch,
+                                      torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8,
+                                      torch.cuda.get_device_properties(dist_info.device).total_memory, state)
+    if dist_info.is_main:
+        log.info("%s", choice.explain())
+    return choice.mode
 
 
 @dataclass

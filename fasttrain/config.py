@@ -22,7 +22,11 @@ class ModelSection:
     tokenizer: str = ""  # defaults to model.path
     attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | reference
     lm_head_impl: str = "auto"  # auto (chunked on CUDA, torch on CPU) | torch | triton | chunked (fasttrain_kernels)
-    activation_checkpointing: bool = True
+    # full: every block keeps only its input and reruns its forward in backward (~33% more matmul work);
+    # selective: keeps every matmul's and attention's output, recomputes only the element-wise work; none;
+    # auto: the least recompute whose activations fit what the memory plan leaves on the card (CUDA; resolved
+    # once and logged with its numbers, fasttrain/activation_memory.py; none on a CPU). true / false = full / none.
+    activation_checkpointing: str = "full"
     # bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on a CPU, where bf16 matmuls are slow and gain nothing);
     # the master weights are fp32 whatever train.optimizer_state keeps
     compute_dtype: str = "bfloat16"
@@ -110,6 +114,7 @@ class RunConfig:
             ("model", "attention_backend"): ("auto", "flash_attn", "torch_varlen", "reference"),
             ("model", "lm_head_impl"): ("auto", "torch", "triton", "chunked"),
             ("model", "compute_dtype"): ("auto", "bfloat16", "float32"),
+            ("model", "activation_checkpointing"): ("auto", "none", "selective", "full"),
             ("train", "save_dtype"): ("auto", "bfloat16", "float32"),
             ("train", "optimizer_state"): ("fp32", "compact"),
             ("data", "template"): ("qwen2-boxed", "alpaca", "deepseek-math", "chat"),
@@ -215,7 +220,19 @@ def _set(cfg: RunConfig, section: str, key: str, value: Any, source: str) -> Non
     if key not in fields:
         raise ConfigError(f"{source}: unknown key {section}.{key}; {section} has {sorted(fields)}")
     hints = typing.get_type_hints(type(obj))
+    if (section, key) in BOOLEAN_ALIASES:  # an older boolean setting that grew modes
+        aliases = BOOLEAN_ALIASES[section, key]
+        text = value.strip().lower() if isinstance(value, str) else value
+        if isinstance(text, bool) or text in ("true", "false"):
+            value = aliases[text in (True, "true")]
+        elif not isinstance(value, str):
+            raise ConfigError(f"{source}: {section}.{key}={value!r}: expected one of the modes or true/false "
+                              f"(= {aliases[True]} / {aliases[False]})")
     setattr(obj, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+# Settings that were true/false before they had modes: {True: mode, False: mode}
+BOOLEAN_ALIASES = {("model", "activation_checkpointing"): {True: "full", False: "none"}}
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:

@@ -23,11 +23,22 @@ def test_demo_paths_resolve_relative_to_the_file():
     assert Path(cfg.model.path, "config.json").exists() and Path(cfg.data.train).exists()
 
 
+def test_activation_checkpointing_modes_and_the_old_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text, mode in (("true", "full"), ("false", "none"), ("selective", "selective"), ("auto", "auto")):
+        path.write_text(f"model:\n  activation_checkpointing: {text}\n")
+        assert load_config(str(path)).model.activation_checkpointing == mode
+    assert load_config(None, ["model.activation_checkpointing=True"]).model.activation_checkpointing == "full"
+    cfg = load_config(None, ["model.activation_checkpointing=some", "model.path=m", "data.train=d"])
+    with pytest.raises(ConfigError, match="model.activation_checkpointing='some': expected one of"):
+        cfg.validate()
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["train.lr=1e-6", "train.max_steps=3", "model.activation_checkpointing=false",
                              "train.epochs=2", "data.template=alpaca"])
     assert cfg.train.lr == 1e-6 and cfg.train.max_steps == 3 and cfg.train.epochs == 2.0
-    assert cfg.model.activation_checkpointing is False and cfg.data.template == "alpaca"
+    assert cfg.model.activation_checkpointing == "none" and cfg.data.template == "alpaca"
 
 
 @pytest.mark.parametrize(

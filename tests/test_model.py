@@ -141,19 +141,51 @@ def test_forward_logprobs_prefix_shared_equal_full_sequences(tmp_path):
     torch.testing.assert_close(logp_N.double(), torch.cat(expected), rtol=0, atol=2e-5)
 
 
-def test_activation_checkpointing_same_gradients(tmp_path):
-    hf = hf_model("qwen3")
+@pytest.mark.parametrize("case", ["qwen3", "llama3_bias"])
+def test_activation_checkpointing_modes_give_the_same_gradients(tmp_path, case):
+    """none / selective / full (and the old booleans): the recomputed forward is the same arithmetic in fp32 on
+    the CPU, so every gradient is bit for bit the one without checkpointing."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    import fasttrain.model.decoder as decoder
+
+    hf = hf_model(case)
     model, _, _ = ours_from_hf(hf, tmp_path)
     model.train()
-    batch = pack_groups(build_groups([np.arange(10)], [np.arange(20, 26)], [np.arange(30, 34)], ["r"]))
-    grads = []
-    for ckpt in (False, True):
-        model.zero_grad()
-        model.activation_checkpointing = ckpt
-        model(batch).sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for g0, g1 in zip(*grads):
-        torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
+    batch = pack_groups(build_groups([np.arange(10), np.arange(50, 57)], [np.arange(20, 26), np.arange(60, 63)],
+                                     [np.arange(30, 34), np.arange(70, 79)], ["r", "s"]))
+    grads, decisions = {}, []
+    real_context = decoder._save_matmuls_and_attention
+
+    def recording_context():  # records what selective checkpointing keeps and recomputes
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        saved = decoder._saved_by_selective_checkpointing()
+
+        def policy(ctx, op, *args, **kwargs):
+            decisions.append((op, op in saved))
+            return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+        return create_selective_checkpoint_contexts(policy)
+
+    decoder._save_matmuls_and_attention = recording_context
+    try:
+        for mode in ("none", "selective", "full", True, False):
+            model.zero_grad()
+            model.activation_checkpointing = mode
+            model(batch).sum().backward()
+            grads[mode] = [p.grad.clone() for p in model.parameters()]
+    finally:
+        decoder._save_matmuls_and_attention = real_context
+    for mode in ("selective", "full", True, False):
+        for g0, g1 in zip(grads["none"], grads[mode]):
+            assert torch.equal(g0, g1), mode
+    kept = {str(op) for op, keep in decisions if keep}
+    recomputed = {str(op) for op, keep in decisions if not keep}
+    assert any("mm" in name for name in kept)  # the projections' outputs are kept
+    assert any("mul" in name for name in recomputed)  # norms / RoPE / SwiGLU are recomputed
+    with pytest.raises(ValueError, match="activation checkpointing 'some'"):
+        decoder.checkpointing_mode("some")
 
 
 def test_llama3_inv_freq_bit_identical_to_transformers():

@@ -82,6 +82,45 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 
+CHECKPOINTING_MODES = ("none", "selective", "full")
+
+
+def checkpointing_mode(value) -> str:
+    """``model.activation_checkpointing`` as one of CHECKPOINTING_MODES; True / False (the setting's old boolean
+    form) mean "full" / "none"."""
+    if value is True or value is False:
+        return "full" if value else "none"
+    if value not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation checkpointing {value!r}: expected one of {CHECKPOINTING_MODES} (or a bool)")
+    return value
+
+
+def _saved_by_selective_checkpointing() -> set:
+    """The ops whose outputs selective checkpointing keeps: matmuls and attention kernels (the FLOPs); every
+    other op of the block is recomputed in backward (element-wise: cheap in FLOPs, costly in memory)."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    flash = getattr(torch.ops, "flash_attn", None)  # the flash-attn package's custom ops, where installed
+    for name in ("_flash_attn_varlen_forward", "_flash_attn_forward"):
+        op = getattr(flash, name, None) if flash is not None else None
+        if op is not None and hasattr(op, "default"):
+            ops.add(op.default)
+    return ops
+
+
+def _save_matmuls_and_attention():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_by_selective_checkpointing()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -90,14 +129,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str, recompute: bool = False,
+    def forward(self, h_TD, cos_TH, sin_TH, attn: AttentionMeta, backend: str, recompute: str = "none",
                 compiled: bool = False):
         # Checkpointing happens inside the block's forward, so an FSDP2 hook on this module fires
         # once around it (and the pre-backward unshard covers the recomputation), the same
         # composition as torchtitan's checkpoint_wrapper-then-fully_shard. The compiled regions sit
         # inside _block, so the recomputation reruns the same compiled graphs (no extra compile).
-        if recompute:
+        # recompute: "none" | "full" (keep the block's input only) | "selective" (keep every matmul's and the
+        # attention's output, recompute the element-wise work: norms, RoPE, SwiGLU, residual adds).
+        recompute = checkpointing_mode(recompute)
+        if recompute == "full":
             return checkpoint(self._block, h_TD, cos_TH, sin_TH, attn, backend, compiled, use_reentrant=False)
+        if recompute == "selective":
+            return checkpoint(self._block, h_TD, cos_TH, sin_TH, attn, backend, compiled, use_reentrant=False,
+                              context_fn=_save_matmuls_and_attention)
         return self._block(h_TD, cos_TH, sin_TH, attn, backend, compiled)
 
     def _block(self, h_TD, cos_TH, sin_TH, attn, backend, compiled):
@@ -168,7 +213,7 @@ class CausalLM(nn.Module):
         self._tie_weights()
         self.attention_backend = "reference"
         self.lm_head_impl = "torch"
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"  # checkpointing_mode(); a bool is accepted (True: "full")
         # model.compile: torch.compile each block's compute around attention (compiled_regions).
         # Not named `compile`: that is nn.Module.compile, which would compile the whole module.
         self.compile_blocks = False
@@ -218,7 +263,8 @@ class CausalLM(nn.Module):
             )
         h_TD = self.model.embed_tokens(input_ids_T)
         cos_TH, sin_TH = rope_cos_sin(self._inv_freq(h_TD.device), position_ids_T, h_TD.dtype)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = (checkpointing_mode(self.activation_checkpointing) if self.training and torch.is_grad_enabled()
+                     else "none")
         for layer in self.model.layers:
             h_TD = layer(h_TD, cos_TH, sin_TH, attn, self.attention_backend, recompute, self.compile_blocks)
         return self.model.norm(h_TD)
