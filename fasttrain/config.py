@@ -126,6 +126,10 @@ class RunConfig:
             value = getattr(getattr(self, section), key)
             if value not in allowed:
                 raise ConfigError(f"{section}.{key}={value!r}: expected one of {allowed}")
+        if self.model.compile and self.model.activation_checkpointing == "selective":
+            # untested: the compiled regions would run under the selective-checkpoint dispatch mode
+            raise ConfigError("model.activation_checkpointing=selective with model.compile=true is not supported "
+                              "yet: use full or none with model.compile")
         if not self.model.path:
             raise ConfigError("model.path is required (an HF model directory)")
         if not self.data.train:

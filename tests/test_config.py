@@ -32,6 +32,10 @@ def test_activation_checkpointing_modes_and_the_old_booleans(tmp_path):
     cfg = load_config(None, ["model.activation_checkpointing=some", "model.path=m", "data.train=d"])
     with pytest.raises(ConfigError, match="model.activation_checkpointing='some': expected one of"):
         cfg.validate()
+    cfg = load_config(None, ["model.activation_checkpointing=selective", "model.compile=true", "model.path=m",
+                             "data.train=d"])
+    with pytest.raises(ConfigError, match="selective with model.compile=true is not supported"):
+        cfg.validate()
 
 
 def test_overrides_are_typed():
