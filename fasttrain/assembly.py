@@ -268,6 +268,10 @@ def resolve_checkpointing(cfg: RunConfig, model_cfg, dist_info: fdist.DistInfo) 
                                       torch.cuda.get_device_properties(dist_info.device).total_memory, state)
     if dist_info.is_main:
         log.info("%s", choice.explain())
+    if choice.mode == "selective" and cfg.model.compile:
+        if dist_info.is_main:
+            log.info("model.compile=true is not supported with selective checkpointing yet: full instead")
+        return "full"
     return choice.mode
 
 
