@@ -102,7 +102,8 @@ def measure(args, cfg: RunConfig, dist_info, model_cfg: ModelConfig, groups, ref
     gc.collect()
     if dist_info.device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"reference": ref_name, "timed_steps": timed.steps, "seconds": timed.seconds, "tokens": timed.tokens,
+    return {"reference": ref_name, "activation_checkpointing": cfg.model.activation_checkpointing,
+            "timed_steps": timed.steps, "seconds": timed.seconds, "tokens": timed.tokens,
             "pairs": timed.pairs, "micro_batches": timed.micro_batches, "flops": timed.flops,
             "tokens_per_s": timed.tokens / timed.seconds, "pairs_per_s": timed.pairs / timed.seconds,
             "mfu": timed.flops / timed.seconds / (peak.tflops * 1e12) if peak and peak.tflops else None,
@@ -139,7 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--share", type=float, default=0.0, help="probability a pair shares the previous prompt")
     ap.add_argument("--attention", default="auto", help="model.attention_backend")
     ap.add_argument("--lm-head", default="auto", help="model.lm_head_impl")
-    ap.add_argument("--no-activation-checkpointing", action="store_true")
+    ap.add_argument("--no-activation-checkpointing", action="store_true", help="the same as --checkpointing none")
+    ap.add_argument("--checkpointing", default="full",
+                    help="comma list of model.activation_checkpointing modes (none, selective, full), each measured "
+                         "in turn in this one process: side by side")
     ap.add_argument("--compile", action="store_true", help="model.compile: torch.compile per decoder block "
                     "(compiled during the warmup steps, which are not timed)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -159,6 +163,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.warmup, args.steps = 1, 2
         args.lengths = args.lengths or "smoke"
     args.lengths = args.lengths or "design"
+    args.checkpointing = ["none"] if args.no_activation_checkpointing else args.checkpointing.split(",")
+    for mode in args.checkpointing:
+        if mode not in ("none", "selective", "full"):
+            ap.error(f"--checkpointing {mode!r}: expected none, selective or full")
     return args
 
 
@@ -166,7 +174,7 @@ def run_config(args, device: torch.device) -> RunConfig:
     cfg = RunConfig()
     cfg.model.attention_backend = args.attention
     cfg.model.lm_head_impl = args.lm_head
-    cfg.model.activation_checkpointing = not args.no_activation_checkpointing
+    cfg.model.activation_checkpointing = args.checkpointing[0]
     cfg.model.compile = args.compile
     cfg.model.compute_dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cfg.data.max_length, cfg.data.max_prompt_length = 1024, 512
@@ -184,7 +192,7 @@ def choose_layers(args, device: torch.device) -> tuple[int, str]:
     if device.type != "cuda":
         return full, ""
     live = args.reference in ("live", "both")
-    n = auto_layers(benchlib.SHAPES[args.shape], live, not args.no_activation_checkpointing,
+    n = auto_layers(benchlib.SHAPES[args.shape], live, "none" not in args.checkpointing,
                     args.tokens_per_micro_batch, torch.cuda.get_device_properties(device).total_memory)
     return n, "" if n == full else f"reduced from {full} to fit one GPU's memory (estimate; --layers overrides)"
 
@@ -209,8 +217,10 @@ def main(argv=None) -> int:
     print(describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups, peak), flush=True)
     results, rc = [], 0
     try:
-        for ref_name in ("precomputed", "live") if args.reference == "both" else (args.reference,):
-            results.append(measure(args, cfg, dist_info, model_cfg, groups, ref_name, peak))
+        for mode in args.checkpointing:
+            cfg.model.activation_checkpointing = mode
+            for ref_name in ("precomputed", "live") if args.reference == "both" else (args.reference,):
+                results.append(measure(args, cfg, dist_info, model_cfg, groups, ref_name, peak))
     except torch.cuda.OutOfMemoryError as e:  # what was measured before it is still reported below
         print(f"\nout of GPU memory with {layers} layers ({e.__class__.__name__}); pass a smaller --layers, "
               "--tokens-per-micro-batch, or --reference precomputed", file=sys.stderr)
@@ -226,7 +236,7 @@ def main(argv=None) -> int:
     summary = {"shape": args.shape, "layers": layers, "layers_note": layers_note,
                "params": num_params(model_cfg), "device": benchlib.device_name(device), "torch": torch.__version__,
                "attention": backend, "lm_head": lm_head, "compute_dtype": cfg.model.compute_dtype,
-               "activation_checkpointing": cfg.model.activation_checkpointing, "compile": cfg.model.compile,
+               "compile": cfg.model.compile,
                "global_batch_pairs": args.global_batch_pairs, "tokens_per_micro_batch": args.tokens_per_micro_batch,
                "lengths": args.lengths, "share": args.share,
                "mfu_peak_tflops": peak.tflops if peak else None, "mfu_peak_source": peak.source if peak else None}
@@ -258,7 +268,7 @@ def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups
         + f", {num_params(model_cfg) / 1e9:.3f}B params, random weights",
         (f"  device {benchlib.device_name(device)}, torch {torch.__version__}; attention {backend}, LM head {lm_head}, "
          f"compute {cfg.model.compute_dtype}, fp32 master weights + AdamW (FSDP2, world 1), activation "
-         f"checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}, per-block torch.compile "
+         f"checkpointing {', '.join(args.checkpointing)}, per-block torch.compile "
          f"{'on' if cfg.model.compile else 'off'}"),
         (f"  data: {args.lengths} lengths, share {args.share}: {n_pairs} pairs, mean prompt "
          f"{prompt_tok / len(groups):.0f} tokens, mean step {(tokens - prompt_tok) / n_cont:.0f}; "
@@ -271,9 +281,14 @@ def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups
 
 
 def format_results(results: list[dict], on_cuda: bool) -> str:
-    rows = [["reference", "step s", "micro-batches", "tokens/s", "pairs/s", "MFU", "peak GiB", "loss", "precompute s"]]
+    rows = [["reference", "checkpointing", "step s", "vs first", "micro-batches", "tokens/s", "pairs/s", "MFU",
+             "peak GiB", "loss", "precompute s"]]
+    first = {}  # reference -> the first mode's step time: the ratios compare modes side by side
     for r in results:
-        rows.append([r["reference"], f"{r['seconds'] / r['timed_steps']:.3f}",
+        step_s = r["seconds"] / r["timed_steps"]
+        first.setdefault(r["reference"], step_s)
+        rows.append([r["reference"], r["activation_checkpointing"], f"{step_s:.3f}",
+                     f"{step_s / first[r['reference']]:.2f}x",
                      f"{r['micro_batches'] / r['timed_steps']:.1f}/step", f"{r['tokens_per_s']:.0f}",
                      f"{r['pairs_per_s']:.2f}", "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                      benchlib.fmt(r["peak_mem_gib"], ".1f", "n/a"), f"{r['loss']:.4f}",

@@ -432,7 +432,7 @@ def run_bench_step(ctx, argv: list[str], tag: str) -> tuple[int, list[dict]]:
 
 def add_step_rows(ctx, table, records: list[dict]) -> None:
     for r in records:
-        table.add(r["reference"], "on" if r["activation_checkpointing"] else "off", r["layers"],
+        table.add(r["reference"], r["activation_checkpointing"], r["layers"],
                   f"{r['seconds'] / r['timed_steps']:.3f}", f"{r['pairs_per_s']:.2f}", f"{r['tokens_per_s']:.0f}",
                   f"{r['flops'] / r['seconds'] / 1e12:.1f}", pct(r["mfu"]), fmt(r["peak_mem_gib"], ".1f"),
                   f"{r['loss']:.4f}", fmt(r["precompute_seconds"], ".1f"))
@@ -459,7 +459,7 @@ def stage_step_1p5b(ctx) -> None:
         ctx.check(rc == 0 and bool(records), f"bench_step {tag}: exit code {rc} (3: out of memory)")
     if profile.is_file():
         ctx.note("top-15 kernels of one profiled step per reference: gpu_check_profile.txt")
-    ctx.summary(", ".join(f"{r['reference']}/ckpt {'on' if r['activation_checkpointing'] else 'off'} "
+    ctx.summary(", ".join(f"{r['reference']}/ckpt {r['activation_checkpointing']} "
                           f"{r['pairs_per_s']:.1f} pairs/s MFU {pct(r['mfu'])}" for r in measured))
 
 
