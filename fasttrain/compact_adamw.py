@@ -39,7 +39,7 @@ from fasttrain.model.shards import local_shard
 # reads it from here; tests/test_compact_adamw.py measures it from the tensors.
 STATE_BYTES_PER_PARAM = {"fp32": 16, "compact": 10}
 
-# Elements per pass of the update: bounds the fp32/int64 temporaries to ~0.5 GB however large a shard is
+# Elements per pass of the update: bounds the fp32/int32 temporaries to ~0.5 GB however large a shard is
 # (the 72B embedding's shard on 8 GPUs has 156M elements).
 CHUNK = 1 << 24
 
@@ -50,7 +50,7 @@ CHUNK = 1 << 24
 def split_fp32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high bf16, low int16) with join_fp32(high, low) == x bit for bit; high is x rounded to the nearest
     bf16 (ties away from zero). Works on the IEEE bits as int32: bits = high_bits * 2^16 + low, low in
-    [-2^15, 2^15); shifts, not divisions (4x faster on a CPU). Finite values only (a weight is never within one
+    [-2^15, 2^15); shifts, not divisions (cheaper on a CPU). Finite values only (a weight is never within one
     bf16 unit of the largest float)."""
     bits = x.float().view(torch.int32)
     high = (bits + 0x8000) >> 16  # arithmetic shift: floor((bits + 2^15) / 2^16)
