@@ -33,6 +33,14 @@ for _path in (REPO / "kernels", REPO):  # before any script imports fasttrain: t
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 GIB = 2**30
+# AdamW + clip_grad_norm_ memory traffic per parameter, the optimizer step's cost model (project_72b, roofline):
+# fused fp32 AdamW reads p, g, m, v and writes p, m, v (28 B) + clip 12 B; torch's for-each update 72 B + 12;
+# compact state (fasttrain.compact_adamw, eager ops counted per element in DESIGN §6.9) 442 B + clip on bf16
+# grads 6; a fused kernel would move ~24.
+OPTIMIZER_BYTES = {"fused": 40.0, "foreach": 84.0, "compact": 448.0}
+# The cards the projections know: (name, GiB the driver reports, device-to-device copy GB/s). H100: copy measured
+# on the H100 (DESIGN §6.8); H200: 143,771 MiB and ~4.3 TB/s copy (device library KINDS.md, 2026-10-28).
+CARDS = {"h100": ("H100", 79.6, 3000.0), "h200": ("H200", 140.4, 4300.0)}
 DEMO = REPO / "fasttrain" / "demo"
 DEMO_TOKENIZER = DEMO / "model"  # 1,024 tokens: a random model's vocabulary may be larger, never smaller
 # Nothing a benchmark runs may reach the network (the GPU machine has none: a hub lookup only waits for a

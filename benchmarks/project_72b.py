@@ -58,7 +58,7 @@ import torch
 
 from fasttrain.attention import resolve_backend
 from fasttrain.flops import FlopModel, peak_bf16_tflops
-from fasttrain.model.config import ModelConfig, num_params
+from fasttrain.model.config import ModelConfig, layer_params, num_params
 from fasttrain.model.decoder import DecoderLayer
 from fasttrain.model.rope import inv_freq, rope_cos_sin
 from fasttrain.packing import PackedBatch, pack_groups
@@ -264,15 +264,13 @@ STATE_NAMES = {"fp32": "fp32 master + grads + AdamW m, v",
                "compact": "bf16 weights + master low bits + bf16 grads + bf16 m, v"}
 # (weight, gradient) bytes per parameter of the sharded state: what CPU offload copies per gather / reduce-scatter
 STATE_COPY_BYTES = {"fp32": (4.0, 4.0), "compact": (2.0, 2.0)}
-# AdamW + clip_grad_norm_ memory traffic per parameter (module docstring); compact: its eager torch ops counted
-# per element (DESIGN §6.9: join 32, moments 46, update 40, split 48, two stochastic roundings 252, copies 16) + clip
-# on bf16 grads 6 = 448 B; a fused kernel would move 24.
-ADAM_BYTES = {("fp32", "fused"): 40.0, ("fp32", "torch"): 84.0, ("compact", "fused"): 448.0,
-              ("compact", "torch"): 448.0}
-CARDS = {  # --card presets: (name, GiB the driver reports, device copy GB/s)
-    "h100": ("H100", 79.6, 3000.0),  # copy measured on the H100 here (DESIGN §6)
-    "h200": ("H200", 140.4, 4300.0),  # 143,771 MiB; ~4.3 TB/s copy (device library KINDS.md, 2026-10-28)
-}
+CARDS = benchlib.CARDS  # --card presets
+
+
+def optimizer_bytes(optimizer_state: str, adam: str) -> float:
+    """benchlib.OPTIMIZER_BYTES for train.optimizer_state and --adam (compact has its own update)."""
+    return benchlib.OPTIMIZER_BYTES["compact" if optimizer_state == "compact" else
+                                    {"fused": "fused", "torch": "foreach"}[adam]]
 
 
 def memory_plan(shape: ParamCounts, c: Cluster, mb: _Micro, offload: bool, optimizer_state: str = "fp32"
@@ -714,7 +712,7 @@ def format_state_matrix(args, shape: ParamCounts, measured: list[Measured], reci
         for state in ("fp32", "compact"):
             for offload in ("off", "on"):
                 s = dataclasses.replace(strategy, offload=offload, optimizer_state=state,
-                                        adam_bytes_per_param=ADAM_BYTES[state, args.adam])
+                                        adam_bytes_per_param=optimizer_bytes(state, args.adam))
                 q = project(shape, measured, c, recipe, s)
                 rows.append([f"8 x {c.card}", state, offload, f"{q.memory.peak_bytes / GIB:.1f} / {c.card_gib:g}",
                              "yes" if q.memory.fits else "NO", _h(q.total_s)])
@@ -839,7 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = ParamCounts.of(cfg)
     recipe, recompute = recipe_from_config(args.config, args, args.smoke)
     cls = clusters(args)
-    strategy = Strategy(recompute, args.offload, ADAM_BYTES[args.optimizer_state, args.adam], args.optimizer_state)
+    strategy = Strategy(recompute, args.offload, optimizer_bytes(args.optimizer_state, args.adam),
+                        args.optimizer_state)
     print(f"model: {'smoke (benchlib tiny)' if args.smoke else 'Qwen2-72B'}, {shape.params_total / 1e9:.2f}B params "
           f"({shape.layers} x {shape.params_layer / 1e6:.1f}M per block + {shape.params_root / 1e6:.1f}M root); "
           f"recipe {recipe.pairs} pairs x {recipe.epochs} epochs, {recipe.global_batch} pairs/step, "
@@ -871,7 +870,7 @@ def predicted_measurements(cfg: ModelConfig, recipe: Recipe, tokens: Sequence[in
     LM head: 2 * D * V per row forward, 3x that with backward. Bytes kept per layer: the block input (2 T D) under
     recompute, else what one layer's backward reads, estimated 2 T (8 D + 3 F); the transient is the latter too.
     """
-    per_layer = (num_params(cfg, include_embeddings=False) - cfg.hidden_size) / cfg.num_hidden_layers
+    per_layer = layer_params(cfg)
     step = recipe.lm_rows_per_pair / 2
     prompt = recipe.tokens_per_pair - 2 * step
     attended_per_token = (prompt**2 / 2 + 2 * step * (prompt + step / 2)) / recipe.tokens_per_pair

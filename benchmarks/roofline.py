@@ -46,14 +46,13 @@ from pathlib import Path
 import benchlib
 
 from fasttrain.flops import FlopModel, peak_bf16_tflops
-from fasttrain.model.config import ModelConfig, num_params
+from fasttrain.model.config import ModelConfig, layer_params, num_params
 
 # TRL's measured step (issue 5): DPOTrainer with precompute_ref_log_probs on one H100 80GB, Qwen2-1.5B shape,
 # 2048 synthetic pairs (mean prompt 308, steps 72 tokens), batch 8 x accumulation 2, gradient checkpointing:
 # 13.7 pairs/s = 16 pairs in 1.17 s.
 TRL_MEASURED_STEP_S = 16 / 13.7
 LOGIT_BYTES_MATERIALISED = 30.0
-OPTIMIZER_BYTES = {"fused": 40.0, "foreach": 84.0, "compact": 448.0}
 
 
 @dataclass(frozen=True)
@@ -64,13 +63,11 @@ class Card:
     bus_gbps: float  # NCCL ring bus bandwidth between the node's GPUs
 
 
-CARDS = {
-    # ceilings: fasttrain.flops.peak_bf16_tflops (H100 measured 785; H200 the same chip, predicted) and the device
-    # copies measured (H100 3.0 TB/s, DESIGN §6.8; H200 4.3 TB/s, the device library's KINDS.md); NVLink 4 bus
-    # ~360 GB/s (450 per direction, ~80%)
-    "h100": Card("H100", peak_bf16_tflops("NVIDIA H100 80GB HBM3").tflops, 3000.0, 360.0),
-    "h200": Card("H200", peak_bf16_tflops("NVIDIA H200").tflops, 4300.0, 360.0),
-}
+# ceilings: fasttrain.flops.peak_bf16_tflops (H100 measured 785; H200 the same chip, predicted), the copy
+# bandwidths of benchlib.CARDS, and an NVLink 4 bus of ~360 GB/s (450 per direction, ~80%)
+DEVICE_NAMES = {"H100": "NVIDIA H100 80GB HBM3", "H200": "NVIDIA H200"}  # as torch.cuda names them
+CARDS = {key: Card(name, peak_bf16_tflops(DEVICE_NAMES[name]).tflops, copy_gbps, 360.0)
+         for key, (name, _gib, copy_gbps) in benchlib.CARDS.items()}
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ class Workload:
     step_tokens: float  # mean per step, each of chosen and rejected
     micro_batches: int = 1  # per GPU per step
     recompute: bool = True  # full activation checkpointing of every block
-    optimizer: str = "fused"  # OPTIMIZER_BYTES key
+    optimizer: str = "fused"  # benchlib.OPTIMIZER_BYTES key
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ def predict(w: Workload, s: Setup, card: Card) -> Prediction:
     cfg: ModelConfig = benchlib.model_config(w.shape)
     D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     q, kv = cfg.q_dim, cfg.kv_dim
-    p_layer = (num_params(cfg, include_embeddings=False) - D) / L
+    p_layer = layer_params(cfg)
     params = num_params(cfg)
     T, R, A = geometry(w, s)
     m = w.micro_batches
@@ -169,7 +166,8 @@ def predict(w: Workload, s: Setup, card: Card) -> Prediction:
     head = 2 * D * V
     logits = LOGIT_BYTES_MATERIALISED * R * V if s.logits_on_every_token else 0.0
     comps.append(_bound("LM head, forward + backward", m * 3 * head * R, m * (3 * D * V * 2 + logits), card))
-    comps.append(_bound(f"optimizer step ({w.optimizer})", 0.0, params / w.gpus * OPTIMIZER_BYTES[w.optimizer], card))
+    comps.append(_bound(f"optimizer step ({w.optimizer})", 0.0, params / w.gpus * benchlib.OPTIMIZER_BYTES[w.optimizer],
+                       card))
     if w.gpus > 1:
         ring = (w.gpus - 1) / w.gpus / (card.bus_gbps * 1e9)
         gather = 2 * params * ring * (passes_fwd + 1)  # forward, recompute, backward (blocks reshard after forward)
@@ -180,8 +178,8 @@ def predict(w: Workload, s: Setup, card: Card) -> Prediction:
         comps.append(Component(f"FSDP2 all-gather + reduce-scatter ({comm * 1e3:.0f} ms on the link, overlapped)",
                                0.0, m * params * (2 * (passes_fwd + 1) + 4) * (w.gpus - 1) / w.gpus, exposed))
     step = sum(c.seconds for c in comps)
-    needed = FlopModel.of(cfg).batch(int(geometry(w, FASTTRAIN)[0]), int(geometry(w, FASTTRAIN)[2]),
-                                     int(geometry(w, FASTTRAIN)[1]), train=True) * m
+    tokens, rows, attended = geometry(w, FASTTRAIN)  # the work fasttrain needs, whatever the setup does
+    needed = FlopModel.of(cfg).batch(int(tokens), int(attended), int(rows), train=True) * m
     mfu = needed / (step * card.bf16_tflops * 1e12)
     return Prediction(w, s, card, comps, step, w.pairs_per_step / step, mfu)
 

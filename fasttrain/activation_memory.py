@@ -66,9 +66,9 @@ class Choice:
 def choose(cfg, tokens: int, dtype_bytes: int, card_bytes: float, state_bytes: float) -> Choice:
     """The least recompute whose activations fit; ``full`` when none does (the run may then run out of memory:
     lower train.tokens_per_micro_batch)."""
-    from fasttrain.model.config import num_params
+    from fasttrain.model.config import layer_params, num_params
 
-    block = (num_params(cfg, include_embeddings=False) - cfg.hidden_size) / cfg.num_hidden_layers
+    block = layer_params(cfg)
     root = num_params(cfg) - block * cfg.num_hidden_layers
     gathered = 2 * 2 * block + 2 * block + 4 * block + 2 * 2 * root  # 2 bf16 blocks, grads, fp32 RS; root + grad
     budget = HEADROOM * card_bytes - state_bytes - gathered

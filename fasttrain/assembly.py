@@ -241,9 +241,12 @@ def state_bytes_per_param(cfg: RunConfig) -> tuple[int, int]:
     from fasttrain.compact_adamw import STATE_BYTES_PER_PARAM
 
     policy_bytes = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM[cfg.train.optimizer_state]
-    reference_bytes = (torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
-                       if cfg.loss.reference == "live" else 0)
+    reference_bytes = compute_dtype_bytes(cfg) if cfg.loss.reference == "live" else 0
     return policy_bytes, reference_bytes
+
+
+def compute_dtype_bytes(cfg: RunConfig) -> int:
+    return torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8
 
 
 def resolve_checkpointing(cfg: RunConfig, model_cfg, dist_info: fdist.DistInfo) -> str:
@@ -263,8 +266,7 @@ def resolve_checkpointing(cfg: RunConfig, model_cfg, dist_info: fdist.DistInfo) 
 
     policy_bytes, reference_bytes = state_bytes_per_param(cfg)
     state = num_params(model_cfg) * (policy_bytes + reference_bytes) / dist_info.world_size
-    choice = activation_memory.choose(model_cfg, cfg.train.tokens_per_micro_batch,
-                                      torch.finfo(getattr(torch, cfg.model.compute_dtype)).bits // 8,
+    choice = activation_memory.choose(model_cfg, cfg.train.tokens_per_micro_batch, compute_dtype_bytes(cfg),
                                       torch.cuda.get_device_properties(dist_info.device).total_memory, state)
     if dist_info.is_main:
         log.info("%s", choice.explain())

@@ -129,7 +129,7 @@ def export_hf(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool,
         log.warning("export %s in %s loses %.1f%% of the trained update (relative L2 error of exported - initial "
                     "vs master - initial); train.save_dtype=auto would write float32", out, dtype,
                     100 * errors[dtype])
-    state = gather_master_weights(model, optimizer)
+    state = gather_master_weights(model, optimizer, dist_info.is_main)
     with fdist.all_ranks_agree():
         if dist_info.is_main:
             save_hf_checkpoint(state, model.config, out, tokenizer_dir=cfg.model.tokenizer or cfg.model.path,
@@ -138,7 +138,8 @@ def export_hf(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool,
     return report
 
 
-def gather_master_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def gather_master_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, is_main: bool
+                          ) -> dict:
     """Collective: the full fp32 master weights in rank 0's host memory ({} on the other ranks). With compact
     optimizer state the gathered bf16 weights are joined with their gathered low bits, parameter by parameter."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -149,7 +150,6 @@ def gather_master_weights(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     # Every rank takes part in the gathers; only rank 0 holds (on CPU) the full weights.
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if isinstance(optimizer, CompactAdamW):
-        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         for name, param in model.named_parameters():
             low = optimizer.low_bits(param)
             if low is None:  # no step yet: the master is the bf16 weight itself
@@ -161,7 +161,7 @@ def gather_master_weights(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 as_bf16 = DTensor.from_local(low.to_local().view(torch.bfloat16), low.device_mesh, low.placements,
                                              shape=low.shape, stride=low.stride())
                 low = as_bf16.full_tensor().view(torch.int16)
-            if main:
+            if is_main:
                 state[name] = join_fp32(state[name], low.cpu())
     return state
 

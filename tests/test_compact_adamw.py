@@ -225,7 +225,7 @@ def _final_margins(run) -> torch.Tensor:
 
     model = build_model(run.model.config, device="cpu", dtype=torch.float32)
     model.set_attention_backend(run.inputs.backend)
-    model.load_state_dict(gather_master_weights(run.model, run.optimizer))
+    model.load_state_dict(gather_master_weights(run.model, run.optimizer, is_main=True))
     groups = run.inputs.train_groups
     n_pairs = sum(g.num_pairs for g in groups)
     with torch.no_grad():

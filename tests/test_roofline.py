@@ -33,7 +33,7 @@ def test_each_component_is_its_flops_or_its_bytes_whichever_is_slower(rl):
     assert p.step_s == pytest.approx(sum(c.seconds for c in p.components))
     assert p.pairs_per_s == pytest.approx(4 / p.step_s)
     cfg = rl.benchlib.model_config("tiny")
-    p_layer = (rl.num_params(cfg, include_embeddings=False) - cfg.hidden_size) / cfg.num_hidden_layers
+    p_layer = rl.layer_params(cfg)
     tokens = 4 * (64 + 16)
     fwd = next(c for c in p.components if c.name == "block GEMMs, forward")
     assert fwd.flops == pytest.approx(2 * p_layer * tokens * cfg.num_hidden_layers)

@@ -272,7 +272,7 @@ def _parse_sliding_window(d: dict, model_type: str, source: str) -> int | None:
 # ----------------------------------------------------------------------------------------------
 # Parameter and FLOP counts (DESIGN §7)
 # ----------------------------------------------------------------------------------------------
-def _layer_params(cfg: ModelConfig) -> int:
+def layer_params(cfg: ModelConfig) -> int:
     D, F = cfg.hidden_size, cfg.intermediate_size
     attn = D * cfg.q_dim + 2 * D * cfg.kv_dim + cfg.q_dim * D
     if cfg.qkv_bias:
@@ -288,7 +288,7 @@ def _layer_params(cfg: ModelConfig) -> int:
 def num_params(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     """Stored parameters (a tied LM head counted once). Without embeddings: the decoder blocks and
     the final norm only."""
-    n = cfg.num_hidden_layers * _layer_params(cfg) + cfg.hidden_size
+    n = cfg.num_hidden_layers * layer_params(cfg) + cfg.hidden_size
     if include_embeddings:
         n += cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     return n

@@ -95,7 +95,8 @@ def checkpointing_mode(value) -> str:
     return value
 
 
-def _saved_by_selective_checkpointing() -> set:
+@functools.cache
+def _saved_by_selective_checkpointing() -> frozenset:
     """The ops whose outputs selective checkpointing keeps: matmuls and attention kernels (the FLOPs); every
     other op of the block is recomputed in backward (element-wise: cheap in FLOPs, costly in memory)."""
     aten = torch.ops.aten
@@ -107,7 +108,7 @@ def _saved_by_selective_checkpointing() -> set:
         op = getattr(flash, name, None) if flash is not None else None
         if op is not None and hasattr(op, "default"):
             ops.add(op.default)
-    return ops
+    return frozenset(ops)
 
 
 def _save_matmuls_and_attention():
@@ -263,8 +264,8 @@ class CausalLM(nn.Module):
             )
         h_TD = self.model.embed_tokens(input_ids_T)
         cos_TH, sin_TH = rope_cos_sin(self._inv_freq(h_TD.device), position_ids_T, h_TD.dtype)
-        recompute = (checkpointing_mode(self.activation_checkpointing) if self.training and torch.is_grad_enabled()
-                     else "none")
+        # each layer checks the mode (checkpointing_mode)
+        recompute = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
         for layer in self.model.layers:
             h_TD = layer(h_TD, cos_TH, sin_TH, attn, self.attention_backend, recompute, self.compile_blocks)
         return self.model.norm(h_TD)
