@@ -2,6 +2,7 @@
 the reference log-probs. Every user-facing failure here is a UserError with one clear message."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -147,6 +148,7 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
             raise UserError(str(e)) from None
         if trainable:  # the plan covers a live reference too, so building the reference repeats nothing
             check_memory_plan(model_cfg, cfg, dist_info)
+    model_cfg = dataclasses.replace(model_cfg, fuse_projections=cfg.model.fuse_projections)
     compute_dtype = getattr(torch, cfg.model.compute_dtype)
     compact = cfg.train.optimizer_state == "compact"
     model = build_model(model_cfg, device="meta",

@@ -36,6 +36,9 @@ class ModelSection:
     # each region compiles once per mode (train / no-grad / frozen live reference), never per batch. Costs compile
     # time in the first micro-batches; needs a C++ compiler on CPU.
     compile: bool = False
+    # One GEMM for q/k/v and one for gate/up per block instead of five, each reading its input once (weights
+    # stacked when loaded, split again when exported: HF files keep transformers' names; DESIGN §5.6).
+    fuse_projections: bool = True
 
 
 @dataclass

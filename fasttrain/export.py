@@ -59,36 +59,28 @@ def measure_update_error(model: torch.nn.Module, initial_dir: str, optimizer: to
     optimizer's low bits); one all-reduce sums the squares. The candidates are bfloat16 and, when different, the
     checkpoint's own 16-bit dtype.
     """
-    from safetensors import safe_open
-
     from fasttrain.compact_adamw import master_local
-    from fasttrain.model.hf_checkpoint import checkpoint_tensor_files
+    from fasttrain.model.hf_checkpoint import hf_reader, param_pieces
     from fasttrain.model.shards import local_shard
 
     fdist.reshard_all(model)  # weights are read from the sharded DTensors, never a gathered copy
-    files = checkpoint_tensor_files(initial_dir)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters())  # a tied LM head is the embedding's parameter and appears once
     stored = set()
-    with_file: dict[Path, list[str]] = {}
-    for name in params:
-        if name in files:  # a tied LM head is the embedding's parameter and appears once
-            with_file.setdefault(files[name], []).append(name)
     device = next(iter(params.values())).device
     candidates = [torch.bfloat16, torch.float16]
     sums_C = torch.zeros(1 + len(candidates), dtype=torch.float64, device=device)  # update^2, lost^2 per dtype
-    for path, names in with_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in names:
-                sl = f.get_slice(name)
-                stored.add(sl.get_dtype())
-                _, start, end = local_shard(params[name], name)
-                if end <= start:
-                    continue
-                master = master_local(optimizer, params[name], name)
-                initial = sl[start:end].to(device=master.device, dtype=torch.float32)
-                sums_C[0] += (master - initial).double().square().sum()
-                for i, dtype in enumerate(candidates):
-                    sums_C[1 + i] += (master.to(dtype).float() - master).double().square().sum()
+    with hf_reader(initial_dir) as reader:
+        for name, param in params.items():
+            pieces = param_pieces(model, name, param)
+            stored |= {reader.slice(p.hf_name).get_dtype() for p in pieces}
+            _, start, end = local_shard(param, name)
+            if end <= start:
+                continue
+            master = master_local(optimizer, param, name)
+            initial = reader.rows(pieces, start, end).to(device=master.device, dtype=torch.float32)
+            sums_C[0] += (master - initial).double().square().sum()
+            for i, dtype in enumerate(candidates):
+                sums_C[1 + i] += (master.to(dtype).float() - master).double().square().sum()
     fdist.all_reduce_sum(sums_C)
     update_sq, *lost_sq = sums_C.tolist()
     errors = {"float32": 0.0}

@@ -44,12 +44,12 @@ MUST_MATCH = {
     "train": ("epochs", "max_steps", "global_batch_pairs", "tokens_per_micro_batch", "lr", "weight_decay",
               "adam_beta1", "adam_beta2", "adam_eps", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "seed",
               "optimizer_state"),
-    "model": ("compute_dtype", "lm_head_impl"),
+    "model": ("compute_dtype", "lm_head_impl", "fuse_projections"),
 }
 
 # Keys added to MUST_MATCH after checkpoints were written without them: a missing value means this (the
 # behaviour before the key existed), so those checkpoints still resume.
-ADDED_LATER = {("train", "optimizer_state"): "fp32"}
+ADDED_LATER = {("train", "optimizer_state"): "fp32", ("model", "fuse_projections"): False}
 
 
 def package_versions() -> dict[str, str]:
@@ -90,10 +90,12 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
         problems.append("the tokenized training data differ (data file, tokenizer or template)")
     for section, keys in MUST_MATCH.items():
         for key in keys:
+            predates = key not in saved["config"].get(section, {})
             old = saved["config"].get(section, {}).get(key, ADDED_LATER.get((section, key)))
             new = current["config"][section][key]
             if old != new:
-                problems.append(f"{section}.{key} was {old!r}, now {new!r}")
+                note = " (the checkpoint predates the setting)" if predates else ""
+                problems.append(f"{section}.{key} was {old!r}{note}, now {new!r}")
     if problems:
         raise UserError(
             f"cannot resume from {path}: " + "; ".join(problems)

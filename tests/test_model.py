@@ -8,6 +8,7 @@ wrong formula (a missing bias, unscaled RoPE, norm order) gives errors of 1e-3 o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +25,7 @@ from weights import randomize_
 from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.model.decoder import build_model
 from fasttrain.model.hf_checkpoint import load_hf_weights
+from fasttrain.model.hf_layout import to_hf_state_dict
 from fasttrain.model.rope import inv_freq
 from fasttrain.packing import AttentionMeta, build_groups, pack_groups
 
@@ -227,11 +229,16 @@ def test_num_params(case):
     assert FlopModel.of(cfg).block_params == blocks
 
 
-def test_hf_parameter_names_match():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_hf_parameter_names_match(fuse):
+    """Unfused, our parameters are transformers' one for one; fused, they are after to_hf_state_dict's split."""
     for case in CASES:
         hf = hf_model(case)
-        ours = build_model(ModelConfig.from_hf_dict(hf.config.to_dict()), device="meta")
-        assert {n: tuple(p.shape) for n, p in ours.named_parameters()} == {
+        cfg = dataclasses.replace(ModelConfig.from_hf_dict(hf.config.to_dict()), fuse_projections=fuse)
+        ours = build_model(cfg, device="meta")
+        named = dict(ours.named_parameters())
+        assert any("qkv_proj" in n for n in named) == fuse
+        assert {n: tuple(p.shape) for n, p in to_hf_state_dict(named, cfg).items()} == {
             n: tuple(p.shape) for n, p in hf.named_parameters()
         }, case
         assert not list(ours.buffers())
@@ -334,7 +341,7 @@ def test_on_device_init_of_a_bf16_copy_is_the_fp32_init_rounded():
     frozen.init_weights(seed=5, on_device=True)
     for (name, p32), (_, p16) in zip(policy.named_parameters(), frozen.named_parameters()):
         assert p16.dtype == torch.bfloat16 and torch.equal(p16, p32.to(torch.bfloat16)), name
-    assert policy.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert policy.model.layers[0].mlp.gate_up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_the_model_registers_no_buffers():

@@ -104,6 +104,25 @@ def test_resume_refuses_changed_geometry_and_data(tmp_path):
     assert fresh.returncode == 2 and "train.resume=auto" in fresh.stderr
 
 
+def test_resume_of_a_checkpoint_from_before_fused_projections_is_refused(tmp_path):
+    """Checkpoints written before model.fuse_projections existed hold per-module q/k/v and gate/up tensors; a fused
+    model resuming them would fail inside DCP (missing keys). Refused up front, naming the key; with the old
+    layout asked for, the same checkpoint resumes."""
+    base = args_for(tmp_path, "run", extra=["train.max_steps=3", "train.checkpoint_every=1"])
+    ok(launch(base + ["model.fuse_projections=false"]))
+    (tmp_path / "run" / "summary.json").unlink()  # as if it had stopped after step 2's checkpoint
+    for info in (tmp_path / "run" / "checkpoints").glob("step-*/run_info.json"):
+        saved = json.loads(info.read_text())
+        del saved["config"]["model"]["fuse_projections"]  # as written before the setting existed
+        info.write_text(json.dumps(saved))
+    refused = launch(base + ["train.resume=auto"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "model.fuse_projections was False (the checkpoint predates the setting), now True" in refused.stderr
+    resumed = launch(base + ["train.resume=auto", "model.fuse_projections=false"])
+    ok(resumed)
+    assert "at step 2/3" in resumed.stderr and train_rows(tmp_path / "run")[-1]["step"] == 3
+
+
 @pytest.mark.parametrize("optimizer_state", ["fp32", "compact"])
 def test_nan_step_is_skipped_and_reported(tmp_path, optimizer_state):
     out = tmp_path / "nan"

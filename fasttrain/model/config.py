@@ -69,6 +69,9 @@ class ModelConfig:
     qk_norm: bool  # qwen3: per-head RMSNorm on q and k before RoPE
     tie_word_embeddings: bool
     sliding_window: int | None  # not implemented; sequences longer than this are refused
+    # Not from config.json: one q/k/v GEMM and one gate/up GEMM per block instead of five (model.fuse_projections,
+    # hf_layout.py). HF files keep the per-module names either way.
+    fuse_projections: bool = True
     hf_dict: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     source: str = field(repr=False, compare=False, default="config.json")
 

@@ -1,11 +1,12 @@
 """Llama-family decoder over packed 1-D token streams (DESIGN §3, §5).
 
 Shape legend: T = tokens in the packed stream (no batch dimension), D = hidden size, F = FFN size,
-N = query heads, M = key/value heads, H = head_dim, V = vocabulary, R = LM-head rows (packing.py
-calls them N: lp_rows_N).
+N = query heads, M = key/value heads, H = head_dim, Q = N*H, K = M*H, V = vocabulary, R = LM-head rows
+(packing.py calls them N: lp_rows_N).
 
-Parameter names equal transformers' (``model.layers.{i}.self_attn.q_proj.weight`` ...), so HF state
-dicts map 1:1. There are no persistent buffers: RoPE frequencies are recomputed from the config
+Parameter names equal transformers' (``model.layers.{i}.self_attn.o_proj.weight`` ...) except the fused
+projections (``self_attn.qkv_proj``, ``mlp.gate_up_proj`` with ``cfg.fuse_projections``), whose rows are the HF
+tensors stacked (hf_layout.py). There are no persistent buffers: RoPE frequencies are recomputed from the config
 (``reset_buffers``), so ``build_model(device="meta")`` + ``to_empty`` + load gives a complete model.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fasttrain.attention import BACKENDS, varlen_attention
 from fasttrain.model.config import ModelConfig
+from fasttrain.model.hf_layout import hf_pieces
 from fasttrain.model.rope import apply_rope, inv_freq, rope_cos_sin
 from fasttrain.model.shards import check_writable_sharding, local_shard
 from fasttrain.packing import AttentionMeta, PackedBatch
@@ -46,9 +48,13 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, cfg.q_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.qkv_split = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
+        if cfg.fuse_projections:  # one GEMM reads x_TD once (DESIGN §5.6)
+            self.qkv_proj = nn.Linear(D, sum(self.qkv_split), bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(D, cfg.q_dim, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_dim, D, bias=cfg.o_proj_bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H dims, before RoPE
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -59,9 +65,15 @@ class Attention(nn.Module):
     def project(self, x_TD, cos_TH, sin_TH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q_TNH, k_TMH, v_TMH: projections, Qwen3's qk-norm and RoPE (everything before the varlen call)."""
         T = x_TD.shape[0]
-        q_TNH = self.q_proj(x_TD).view(T, self.n_heads, self.head_dim)
-        k_TMH = self.k_proj(x_TD).view(T, self.n_kv, self.head_dim)
-        v_TMH = self.v_proj(x_TD).view(T, self.n_kv, self.head_dim)
+        if hasattr(self, "qkv_proj"):
+            q_TQ, k_TK, v_TK = self.qkv_proj(x_TD).split(self.qkv_split, dim=-1)
+        else:
+            q_TQ, k_TK, v_TK = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+        q_TNH = q_TQ.view(T, self.n_heads, self.head_dim)
+        k_TMH = k_TK.view(T, self.n_kv, self.head_dim)
+        # v is the only projection that reaches the attention kernel without an element-wise op making it
+        # contiguous; a fused split leaves it strided, which flash kernels refuse or copy anyway.
+        v_TMH = v_TK.contiguous().view(T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q_TNH, k_TMH = self.q_norm(q_TNH), self.k_norm(k_TMH)
         return apply_rope(q_TNH, cos_TH, sin_TH), apply_rope(k_TMH, cos_TH, sin_TH), v_TMH
@@ -74,12 +86,20 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         D, Fd = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(D, Fd, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(D, Fd, bias=cfg.mlp_bias)
+        self.ffn_size = Fd
+        if cfg.fuse_projections:  # one GEMM reads x_TD once (DESIGN §5.6)
+            self.gate_up_proj = nn.Linear(D, 2 * Fd, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(D, Fd, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(D, Fd, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(Fd, D, bias=cfg.mlp_bias)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+        if hasattr(self, "gate_up_proj"):
+            gate_TF, up_TF = self.gate_up_proj(x_TD).split(self.ffn_size, dim=-1)
+        else:
+            gate_TF, up_TF = self.gate_proj(x_TD), self.up_proj(x_TD)
+        return self.down_proj(F.silu(gate_TF) * up_TF)
 
 
 CHECKPOINTING_MODES = ("none", "selective", "full")
@@ -306,8 +326,10 @@ class CausalLM(nn.Module):
             elif on_device:  # drawn in fp32 whatever the storage dtype: a bf16 frozen copy = the fp32 policy rounded
                 draw = torch.empty(local.shape, dtype=torch.float32, device=local.device)
                 local.copy_(draw.normal_(0.0, std, generator=generator))
-            else:
-                full = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+            else:  # a fused parameter draws its HF pieces in order: the same weights as the unfused model
+                full = torch.cat([torch.empty((p.end - p.start, *param.shape[1:]), dtype=torch.float32)
+                                  .normal_(0.0, std, generator=generator)
+                                  for p in hf_pieces(self.config, name, param.shape[0])])
                 local.copy_(full[start:end])
         self.reset_buffers()
 

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from fasttrain.model.config import ARCHITECTURES, ModelConfig
 from fasttrain.model.decoder import CausalLM
+from fasttrain.model.hf_layout import HFReader, Piece, hf_pieces, to_hf_state_dict
 from fasttrain.model.shards import check_writable_sharding, local_shard
 
 SINGLE_FILE = "model.safetensors"
@@ -99,6 +100,11 @@ def _open_safetensors(path: Path):
         raise OSError(f"{path}: cannot read the file ({e.strerror or e})") from None
 
 
+def hf_reader(model_dir: str | os.PathLike) -> HFReader:
+    """Reads rows of parameters (fused or not) out of ``model_dir``'s safetensors files; a context manager."""
+    return HFReader(checkpoint_tensor_files(model_dir), _open_safetensors)
+
+
 def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it."""
     d = resolve_model_source(model_dir)
@@ -115,22 +121,26 @@ def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
 def load_hf_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> None:
     """Copy an HF checkpoint into ``model``'s parameters in place (cast to each parameter's dtype).
 
-    Works for a plain module and for one sharded by FSDP2 after ``to_empty``. Errors name the tensor
-    and the file: missing keys, unexpected keys, shape mismatches. A tied LM head is the embedding's
+    Works for a plain module and for one sharded by FSDP2 after ``to_empty``: each parameter's local rows are
+    read, nothing more (a fused projection's rows come from its HF pieces, hf_layout.py). Errors name the
+    tensor and the file: missing keys, unexpected keys, shape mismatches. A tied LM head is the embedding's
     Parameter, so ``lm_head.weight`` is neither required nor (if present) loaded.
     """
     check_writable_sharding(model)
     files = checkpoint_tensor_files(model_dir)
     params = dict(model.named_parameters())  # remove_duplicate: a tied weight appears once
+    pieces = {n: param_pieces(model, n, p) for n, p in params.items()}
     where = Path(model_dir) / (INDEX_FILE if (Path(model_dir) / INDEX_FILE).is_file() else SINGLE_FILE)
 
-    missing = [n for n in params if n not in files]
+    needed = [piece.hf_name for ps in pieces.values() for piece in ps]
+    missing = [n for n in needed if n not in files]
     if missing:
         raise KeyError(f"{where}: missing tensor {missing[0]!r} (and {len(missing) - 1} more) that the model needs")
     tied = _is_tied(model)
+    needed_set = set(needed)
     unexpected = [
         n for n in files
-        if n not in params and not _HARMLESS_KEY.search(n) and not (tied and n == "lm_head.weight")
+        if n not in needed_set and not _HARMLESS_KEY.search(n) and not (tied and n == "lm_head.weight")
     ]
     if unexpected:
         raise KeyError(
@@ -138,29 +148,30 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> Non
             "does not have; is config.json the one that belongs to these weights?"
         )
 
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for n in params:
-        by_file[files[n]].append(n)
-    for path, names in by_file.items():
-        with _open_safetensors(path) as f:
-            for n in names:
-                param = params[n]
-                try:
-                    sl = f.get_slice(n)
-                except SafetensorError as e:  # the index lists a tensor that its shard lacks
-                    raise KeyError(f"{path}: tensor {n!r} not found in this file ({e})") from None
-                found = tuple(sl.get_shape())
-                if found != tuple(param.shape):
+    with HFReader(files, _open_safetensors) as reader:
+        for n, param in params.items():
+            for piece in pieces[n]:
+                found = tuple(reader.slice(piece.hf_name).get_shape())
+                expected = (piece.end - piece.start, *param.shape[1:])
+                if found != expected:
                     raise ValueError(
-                        f"{path}: tensor {n!r} has shape {found}, the model expects {tuple(param.shape)}"
-                        f"{_per_config(model)}"
+                        f"{files[piece.hf_name]}: tensor {piece.hf_name!r} has shape {found}, the model expects "
+                        f"{expected}{_per_config(model)}"
                     )
-                local, start, end = local_shard(param, n)
-                if end > start:
-                    local.copy_(sl[start:end])
+            local, start, end = local_shard(param, n)
+            if end > start:
+                local.copy_(reader.rows(pieces[n], start, end))
     reset = getattr(model, "reset_buffers", None)
     if callable(reset):
         reset()
+
+
+def param_pieces(model: torch.nn.Module, name: str, param: torch.Tensor) -> tuple[Piece, ...]:
+    """The HF tensors that parameter ``name`` of ``model`` is made of (itself, unless it is a fused projection)."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        return (Piece(name, 0, param.shape[0] if param.dim() else 1),)
+    return hf_pieces(cfg, name, param.shape[0] if param.dim() else 1)
 
 
 def _per_config(model: torch.nn.Module) -> str:
@@ -188,7 +199,8 @@ def save_hf_checkpoint(
 ) -> Path:
     """Write an HF checkpoint directory from a full (unsharded, e.g. rank 0's gathered) state dict.
 
-    Keys and shapes are checked against ``cfg`` before anything is written. With tied embeddings
+    Keys are the model's (a fused projection is written as HF's per-module tensors, hf_layout.py) or HF's own;
+    keys and shapes are checked against ``cfg`` before anything is written. With tied embeddings
     ``lm_head.weight`` is dropped (transformers re-ties it). Floating tensors are cast to ``dtype``.
     Atomic: written into ``<out_dir>.tmp-<pid>`` and renamed to ``out_dir`` only when complete; an
     existing ``out_dir`` is an error unless ``overwrite=True``.
@@ -198,7 +210,7 @@ def save_hf_checkpoint(
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     if tokenizer is not None and tokenizer_dir is not None:
         raise ValueError("pass either tokenizer or tokenizer_dir, not both")
-    tensors = _checked_state_dict(full_state_dict, cfg)
+    tensors = _checked_state_dict(to_hf_state_dict(full_state_dict, cfg), cfg)
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     if tmp.exists():
@@ -234,8 +246,8 @@ def save_hf_checkpoint(
 def _checked_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
-    with torch.device("meta"):
-        expected = {n: tuple(p.shape) for n, p in CausalLM(cfg).named_parameters()}
+    with torch.device("meta"):  # HF's names: the per-module projections
+        expected = {n: tuple(p.shape) for n, p in CausalLM(replace(cfg, fuse_projections=False)).named_parameters()}
     out = {}
     for name, t in sd.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -280,7 +292,10 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, dtype: torch
         part = {}
         for k in keys:
             t = tensors[k].detach()
-            part[k] = t.to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+            t = t.to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a row view of a fused projection: safetensors refuses tensors that share memory
+            part[k] = t
             weight_map[k] = fname
         save_file(part, str(out / fname), metadata={"format": "pt"})
         del part
