@@ -10,8 +10,10 @@ The model (T tokens per GPU per micro-batch, R LM-head rows, A attended key pair
 L blocks, D hidden, F FFN width, V vocabulary, q / kv the attention widths; bf16 activations, 2 B):
 
 * block GEMMs: 2 P_l T FLOPs per pass and block; passes: forward 1, backward 2 (dX, dW), recompute 1 more
-  forward under full activation checkpointing. Bytes: the block's bf16 weights read once per pass (+ its
-  gradient written in backward) and every GEMM's input and output, 2 T (4 D + 2 q + 2 kv + 3 F) per pass.
+  forward under full activation checkpointing (selective: only the element-wise work again). Bytes: the
+  block's bf16 weights read once per pass (+ its gradient written in backward) and every GEMM's input and
+  output, 2 T (4 D + 2 q + 2 kv + 3 F) per pass with fused q/k/v and gate/up projections; + 2 T 3 D for
+  separate ones (the input read 5 times, not 2).
 * attention: 4 q A FLOPs forward (QK^T, PV); backward 2.5x forward (flash-attention's recompute of P); bytes:
   q, k, v, o once per pass, 2 T (2 q + 2 kv).
 * element-wise and norms: no FLOPs that matter; bytes per token per block and pass 2 (10 D + 2 (q + kv) + 3 F):
@@ -22,6 +24,9 @@ L blocks, D hidden, F FFN width, V vocabulary, q / kv the attention widths; bf16
   the cast back 2 + 4 (fasttrain's kernels never write them).
 * optimizer: parameters per GPU x its traffic per parameter: fused fp32 AdamW + clip 40 B, torch's for-each 84 B,
   compact state 448 B (docs/DESIGN.md §6.9).
+* FSDP2's copies (any N): the all-gather's copy-in (the local shard cast to bf16: 6 B per parameter / N, compact
+  4) and copy-out (4 B), the reduce-scatter's copy-in (bf16 gradient to fp32: 6 B) and the shard's accumulation
+  (12 B / N).
 * FSDP2 (N > 1): a bf16 all-gather per forward and per backward pass, an fp32 reduce-scatter per micro-batch,
   ring time bytes (N-1)/N / bus bandwidth; overlapped with the blocks' compute except one block's gather and
   one block's reduce-scatter per micro-batch (FSDP2 prefetches one block ahead).
@@ -70,6 +75,15 @@ CARDS = {key: Card(name, peak_bf16_tflops(DEVICE_NAMES[name]).tflops, copy_gbps,
          for key, (name, _gib, copy_gbps) in benchlib.CARDS.items()}
 
 
+def card_for_device(device_name: str, peak_tflops: float | None = None) -> Card | None:
+    """The ceilings of the card torch names ``device_name`` (None for any other device), the bf16 one replaced by
+    ``peak_tflops`` (e.g. what gpu_check measured) when given."""
+    for card in CARDS.values():
+        if card.name in device_name:
+            return replace(card, bf16_tflops=peak_tflops or card.bf16_tflops)
+    return None
+
+
 @dataclass(frozen=True)
 class Workload:
     shape: str  # benchlib.SHAPES key
@@ -89,10 +103,13 @@ class Setup:
     padding_factor: float = 1.0  # padded tokens / real tokens
     logits_on_every_token: bool = False  # TRL: full-vocabulary logits on every position, materialised
     cast_weights_each_pass: bool = False  # fp32 master weights + autocast: a bf16 copy made per pass
+    fused_projections: bool = True  # one q/k/v and one gate/up GEMM per block (model.fuse_projections)
+    fsdp: bool = True  # parameters sharded by FSDP2 (its copies run at any world size); TRL's one GPU: none
 
 
 FASTTRAIN = Setup("fasttrain")
-TRL = Setup("TRL DPOTrainer", prefix_shared=False, logits_on_every_token=True, cast_weights_each_pass=True)
+TRL = Setup("TRL DPOTrainer", prefix_shared=False, logits_on_every_token=True, cast_weights_each_pass=True,
+            fused_projections=False, fsdp=False)
 
 
 @dataclass(frozen=True)
@@ -134,54 +151,108 @@ def geometry(w: Workload, s: Setup) -> tuple[float, float, float]:
 
 def predict(w: Workload, s: Setup, card: Card) -> Prediction:
     cfg: ModelConfig = benchlib.model_config(w.shape)
-    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    q, kv = cfg.q_dim, cfg.kv_dim
-    p_layer = layer_params(cfg)
-    params = num_params(cfg)
     T, R, A = geometry(w, s)
     m = w.micro_batches
-    passes_fwd = 2 if w.recompute else 1  # forward + the recompute forward
-    gemm_io = 2 * T * (4 * D + 2 * q + 2 * kv + 3 * F)
-    elementwise = 2 * T * (10 * D + 2 * (q + kv) + 3 * F)
-    cast = 6 * p_layer * L if s.cast_weights_each_pass else 0.0  # read fp32 4 + write bf16 2 per pass
-
-    def blocks(passes: float, backward: bool) -> tuple[float, float]:
-        flops = 2 * p_layer * T * L * passes
-        nbytes = passes * (2 * p_layer * L + gemm_io * L) + (2 * p_layer * L if backward else 0) + passes * cast
-        return flops, nbytes
-
-    comps = []
-    f, b = blocks(1, False)
-    comps.append(_bound("block GEMMs, forward", m * f, m * b, card))
-    f, b = blocks(2, True)
-    comps.append(_bound("block GEMMs, backward", m * f, m * b, card))
-    attn_fwd = 4 * q * A * L
-    attn_io = 2 * T * (2 * q + 2 * kv) * L
-    comps.append(_bound("attention, forward + backward", m * attn_fwd * 3.5, m * attn_io * 3, card))
-    comps.append(_bound("element-wise and norms, forward + backward", 0.0, m * elementwise * L * 3, card))
-    if w.recompute:
-        f, b = blocks(1, False)
-        comps.append(_bound("recompute (GEMMs, attention, element-wise)", m * (f + attn_fwd),
-                            m * (b + attn_io + elementwise * L), card))
-    head = 2 * D * V
-    logits = LOGIT_BYTES_MATERIALISED * R * V if s.logits_on_every_token else 0.0
-    comps.append(_bound("LM head, forward + backward", m * 3 * head * R, m * (3 * D * V * 2 + logits), card))
-    comps.append(_bound(f"optimizer step ({w.optimizer})", 0.0, params / w.gpus * benchlib.OPTIMIZER_BYTES[w.optimizer],
-                       card))
-    if w.gpus > 1:
-        ring = (w.gpus - 1) / w.gpus / (card.bus_gbps * 1e9)
-        gather = 2 * params * ring * (passes_fwd + 1)  # forward, recompute, backward (blocks reshard after forward)
-        scatter = 4 * params * ring
-        comm = m * (gather + scatter)
-        compute = sum(c.seconds for c in comps if not c.name.startswith("optimizer"))
-        exposed = max(comm - compute, 0.0) + m * (gather + scatter) / L  # the first gather and the last scatter
-        comps.append(Component(f"FSDP2 all-gather + reduce-scatter ({comm * 1e3:.0f} ms on the link, overlapped)",
-                               0.0, m * params * (2 * (passes_fwd + 1) + 4) * (w.gpus - 1) / w.gpus, exposed))
+    comps = components(cfg, Geometry(m * T, m * R, m * A, m), w.gpus, "full" if w.recompute else "none", w.optimizer,
+                       s, card)
     step = sum(c.seconds for c in comps)
     tokens, rows, attended = geometry(w, FASTTRAIN)  # the work fasttrain needs, whatever the setup does
     needed = FlopModel.of(cfg).batch(int(tokens), int(attended), int(rows), train=True) * m
     mfu = needed / (step * card.bf16_tflops * 1e12)
     return Prediction(w, s, card, comps, step, w.pairs_per_step / step, mfu)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One GPU's work in one step, summed over its micro-batches: tokens in the (packed or padded) stream, LM-head
+    rows, attended (query, key) pairs."""
+    tokens: float
+    rows: float
+    attended: float
+    micro_batches: int
+
+
+def components(cfg: ModelConfig, g: Geometry, gpus: int, recompute: str, optimizer: str, s: Setup, card: Card,
+               live_reference: bool = False) -> list[Component]:
+    """The step's components at their bounds. ``recompute``: none | selective (the element-wise work again) | full
+    (the block's forward again); ``live_reference``: a frozen bf16 copy's forward on the same batch."""
+    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    q, kv = cfg.q_dim, cfg.kv_dim
+    p_layer = layer_params(cfg)
+    params = num_params(cfg)
+    T, R, A, m = g.tokens, g.rows, g.attended, g.micro_batches
+    passes_fwd = 2 if recompute == "full" else 1  # forward + the recompute forward
+    # inputs 2 D + q + F and outputs 2 D + q + 2 kv + 2 F; separate projections read their input 5 times, not 2
+    gemm_io = 2 * T * (4 * D + 2 * q + 2 * kv + 3 * F + (0 if s.fused_projections else 3 * D))
+    elementwise = 2 * T * (10 * D + 2 * (q + kv) + 3 * F) * L
+    cast = 6 * p_layer * L * m if s.cast_weights_each_pass else 0.0  # read fp32 4 + write bf16 2 per pass
+
+    def blocks(passes: float, backward: bool) -> tuple[float, float]:
+        flops = 2 * p_layer * T * L * passes
+        weights = m * (passes * 2 * p_layer * L + (2 * p_layer * L if backward else 0))
+        return flops, weights + passes * (gemm_io * L + cast)
+
+    comps = []
+    comps.append(_bound("block GEMMs, forward", *blocks(1, False), card))
+    comps.append(_bound("block GEMMs, backward", *blocks(2, True), card))
+    attn_fwd = 4 * q * A * L
+    attn_io = 2 * T * (2 * q + 2 * kv) * L
+    comps.append(_bound("attention, forward + backward", attn_fwd * 3.5, attn_io * 3, card))
+    comps.append(_bound("element-wise and norms, forward + backward", 0.0, elementwise * 3, card))
+    if recompute == "full":
+        comps.append(_bound("recompute: block GEMMs", *blocks(1, False), card))
+        comps.append(_bound("recompute: attention", attn_fwd, attn_io, card))
+    if recompute in ("full", "selective"):
+        comps.append(_bound("recompute: element-wise and norms", 0.0, elementwise, card))
+    head = 2 * D * V
+    logits = LOGIT_BYTES_MATERIALISED * R * V if s.logits_on_every_token else 0.0
+    comps.append(_bound("LM head, forward + backward", 3 * head * R, m * 3 * D * V * 2 + logits, card))
+    if live_reference:  # bf16 weights, no gradients, no recompute
+        comps.append(_bound("live reference: block GEMMs", 2 * p_layer * T * L, m * 2 * p_layer * L + gemm_io * L,
+                            card))
+        comps.append(_bound("live reference: attention", attn_fwd, attn_io, card))
+        comps.append(_bound("live reference: element-wise and norms", 0.0, elementwise, card))
+        comps.append(_bound("live reference: LM head", head * R, m * 2 * D * V + logits / 3, card))
+    comps.append(_bound(f"optimizer step ({optimizer})", 0.0, params / gpus * benchlib.OPTIMIZER_BYTES[optimizer],
+                        card))
+    # FSDP2's copies around every collective, at any world size: the gather's copy-in casts the local fp32 shard
+    # (compact: bf16) into the bf16 buffer and its copy-out writes the gathered parameters (2 + 2 B); the
+    # reduce-scatter's copy-in upcasts the bf16 gradient to fp32 (2 + 4 B) and the shard is accumulated (3 x 4 / N).
+    gathers = m * (passes_fwd + 1)
+    gather_copy = params * ((4 if optimizer == "compact" else 6) / gpus + 4)
+    scatter_copy = params * (6 + 12 / gpus)
+    if s.fsdp:
+        comps.append(_bound("FSDP2 copy-in/out around the collectives", 0.0,
+                            gathers * gather_copy + m * scatter_copy, card))
+    if gpus > 1 and s.fsdp:
+        ring = (gpus - 1) / gpus / (card.bus_gbps * 1e9)
+        gather = 2 * params * ring * (passes_fwd + 1)  # forward, recompute, backward (blocks reshard after forward)
+        scatter = 4 * params * ring
+        comm = m * (gather + scatter)
+        compute = sum(c.seconds for c in comps if not c.name.startswith(("optimizer", "FSDP2")))
+        exposed = max(comm - compute, 0.0) + m * (gather + scatter) / L  # the first gather and the last scatter
+        comps.append(Component(f"FSDP2 all-gather + reduce-scatter ({comm * 1e3:.0f} ms on the link, overlapped)",
+                               0.0, m * params * (2 * (passes_fwd + 1) + 4) * (gpus - 1) / gpus, exposed))
+    return comps
+
+
+# What a profiler can tell apart (benchmarks/components.py): each predicted component belongs to one group.
+GROUPS = ("block GEMMs", "attention", "element-wise and norms", "LM head", "optimizer step", "FSDP2")
+
+
+def group_of(component_name: str) -> str:
+    for group in GROUPS:
+        if group.split()[0] in component_name:
+            return group
+    raise ValueError(f"component {component_name!r} belongs to no group of {GROUPS}")
+
+
+def predicted_groups(comps: list[Component]) -> dict[str, float]:
+    """Predicted seconds per group (recompute and a live reference's forward in the group of their kind)."""
+    out = dict.fromkeys(GROUPS, 0.0)
+    for c in comps:
+        out[group_of(c.name)] += c.seconds
+    return out
 
 
 def scenarios() -> list[tuple[str, Workload, Setup]]:

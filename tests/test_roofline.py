@@ -27,7 +27,8 @@ def test_each_component_is_its_flops_or_its_bytes_whichever_is_slower(rl):
     w = rl.Workload("tiny", 1, 4, 64.0, 8.0, recompute=False)
     p = rl.predict(w, rl.FASTTRAIN, card)
     names = [c.name for c in p.components]
-    assert not any(n.startswith("recompute") for n in names) and not any("FSDP2" in n for n in names)
+    assert not any(n.startswith("recompute") for n in names) and not any("all-gather" in n for n in names)
+    assert "FSDP2 copy-in/out around the collectives" in names  # at any world size
     for c in p.components:
         assert c.seconds == pytest.approx(max(c.flops / 100e12, c.bytes / 1000e9))
     assert p.step_s == pytest.approx(sum(c.seconds for c in p.components))
@@ -79,3 +80,38 @@ def test_report_is_labelled_predicted_and_checked_against_trl(rl, capsys):
     assert headers and all(h.startswith("== PREDICTED") for h in headers)
     assert len(headers) == len(rl.scenarios())
     assert "took 1.17 s per 16-pair step" in out and "measured / predicted" in out
+
+
+def test_every_component_has_one_group_and_the_groups_add_up_to_the_step(rl):
+    for card in rl.CARDS.values():
+        for _title, w, s in rl.scenarios():
+            p = rl.predict(w, s, card)
+            assert sum(rl.predicted_groups(p.components).values()) == pytest.approx(p.step_s)
+    with pytest.raises(ValueError, match="belongs to no group"):
+        rl.group_of("something else")
+
+
+def test_recompute_modes_live_reference_and_fused_projections(rl):
+    """selective recomputes only the element-wise work; a live reference adds a forward in each group but the
+    optimizer's; separate projections move more bytes in the block GEMMs (the input read 5 times, not 2)."""
+    card = rl.CARDS["h100"]
+    cfg = rl.benchlib.model_config("qwen2-1.5b")
+    g = rl.Geometry(tokens=8000.0, rows=2000.0, attended=2e6, micro_batches=1)
+
+    def names(**kw):
+        args = dict(recompute="none", optimizer="fused", s=rl.FASTTRAIN, live_reference=False) | kw
+        return {c.name: c for c in rl.components(cfg, g, 1, args["recompute"], args["optimizer"], args["s"], card,
+                                                  live_reference=args["live_reference"])}
+
+    none, selective, full = names(), names(recompute="selective"), names(recompute="full")
+    assert not [n for n in none if n.startswith("recompute")]
+    assert [n for n in selective if n.startswith("recompute")] == ["recompute: element-wise and norms"]
+    assert {n for n in full if n.startswith("recompute")} == {
+        "recompute: block GEMMs", "recompute: attention", "recompute: element-wise and norms"}
+    live = names(live_reference=True)
+    assert {rl.group_of(n) for n in live if n.startswith("live reference")} == {
+        "block GEMMs", "attention", "element-wise and norms", "LM head"}
+    separate = names(s=replace(rl.FASTTRAIN, fused_projections=False))
+    extra = separate["block GEMMs, forward"].bytes - none["block GEMMs, forward"].bytes
+    assert extra == pytest.approx(2 * 8000 * 3 * cfg.hidden_size * cfg.num_hidden_layers)
+    assert separate["block GEMMs, forward"].flops == none["block GEMMs, forward"].flops
