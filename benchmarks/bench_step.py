@@ -36,10 +36,13 @@ import gc
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import benchlib
+import components
 import numpy as np
+import roofline
 import torch
 
 from fasttrain import distributed as fdist
@@ -92,35 +95,67 @@ def measure(args, cfg: RunConfig, dist_info, model_cfg: ModelConfig, groups, ref
     run, precompute_s = benchlib.build_run(cfg, dist_info, groups, n_steps,
                                            lambda model: model.init_weights(args.seed, on_device=True), model_cfg)
     timed, loop = benchlib.time_steps(run, args.warmup, run.inputs.plans[: args.warmup + args.steps])
+    components_per_step = None
     if args.profile:
-        table = profile_steps(loop, run.inputs.plans[args.warmup + args.steps:], dist_info.device)
+        plans = run.inputs.plans[args.warmup + args.steps:]
+        table, prof, wall_s = profile_steps(loop, plans, dist_info.device)
         print(f"\nprofile ({ref_name} reference), {table}")
+        components_per_step, comparison = compare_components(args, cfg, model_cfg, loop.flop_model, prof, wall_s,
+                                                              len(plans), dist_info.device, ref_name == "live")
+        print(f"\nper component ({ref_name} reference, {len(plans)} profiled step(s)):\n{comparison}")
         if args.profile_out:
             with open(args.profile_out, "a") as f:
-                f.write(f"bench_step {args.shape}, {ref_name} reference: {table}\n")
+                f.write(f"bench_step {args.shape}, {ref_name} reference: {table}\n{comparison}\n")
     del run, loop
     gc.collect()
     if dist_info.device.type == "cuda":
         torch.cuda.empty_cache()
     return {"reference": ref_name, "activation_checkpointing": cfg.model.activation_checkpointing,
+            "fuse_projections": cfg.model.fuse_projections,
             "timed_steps": timed.steps, "seconds": timed.seconds, "tokens": timed.tokens,
             "pairs": timed.pairs, "micro_batches": timed.micro_batches, "flops": timed.flops,
             "tokens_per_s": timed.tokens / timed.seconds, "pairs_per_s": timed.pairs / timed.seconds,
             "mfu": timed.flops / timed.seconds / (peak.tflops * 1e12) if peak and peak.tflops else None,
             "peak_mem_gib": timed.peak_gib, "loss": float(np.mean(timed.losses)) if timed.losses else float("nan"),
-            "precompute_seconds": precompute_s}
+            "precompute_seconds": precompute_s, "components_per_step": components_per_step}
 
 
-def profile_steps(loop, plans, device: torch.device) -> str:
-    """Runs ``plans`` under torch.profiler; returns the top-15 table (by self CUDA time on a GPU)."""
+def profile_steps(loop, plans, device: torch.device):
+    """Runs ``plans`` under torch.profiler: (the top-15 table by self CUDA time on a GPU, the profile, wall s)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    loop.flop_model.reset()  # counts the profiled steps' work for the prediction
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         loop.run(plans, 10**9)
         benchlib.sync(device)
+        wall_s = time.perf_counter() - t0
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return f"{len(plans)} step(s), top 15 by {sort}:\n" + prof.key_averages().table(sort_by=sort, row_limit=15)
+    table = f"{len(plans)} step(s), top 15 by {sort}:\n" + prof.key_averages().table(sort_by=sort, row_limit=15)
+    return table, prof, wall_s
+
+
+def compare_components(args, cfg, model_cfg, counted, prof, wall_s: float, steps: int, device, live: bool):
+    """Measured seconds per step per roofline group, and beside them (on an H100 / H200) roofline.py's prediction
+    for the work the profiled steps did: ({group: {"measured_s", "predicted_s"}}, the printed table)."""
+    on_cuda = device.type == "cuda"
+    measured = components.measured_groups(prof, on_cuda)
+    if args.predict_for:
+        card = roofline.CARDS[args.predict_for]
+    else:
+        card = roofline.card_for_device(benchlib.device_name(device), args.peak_tflops) if on_cuda else None
+    predicted = None
+    if card is not None:
+        geometry = roofline.Geometry(counted.tokens / steps, counted.rows / steps, counted.attended / steps,
+                                     counted.micro_batches / steps)
+        setup = dataclasses.replace(roofline.FASTTRAIN, fused_projections=cfg.model.fuse_projections)
+        predicted = roofline.predicted_groups(roofline.components(
+            model_cfg, geometry, 1, cfg.model.activation_checkpointing, "fused", setup, card, live_reference=live))
+    table = components.format_comparison(measured, predicted, steps, wall_s, card.name if card else None, on_cuda)
+    per_step = {g: {"measured_s": measured[g] / steps, "predicted_s": predicted[g] if predicted else None}
+                for g in measured}
+    return per_step, table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +179,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--checkpointing", default="full",
                     help="comma list of model.activation_checkpointing modes (none, selective, full), each measured "
                          "in turn in this one process: side by side")
+    ap.add_argument("--projections", default="fused",
+                    help="comma list of fused (one q/k/v and one gate/up GEMM per block) and separate "
+                         "(model.fuse_projections=false), each measured in turn in this one process")
     ap.add_argument("--compile", action="store_true", help="model.compile: torch.compile per decoder block "
                     "(compiled during the warmup steps, which are not timed)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -153,6 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "kernels")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps profiled with --profile (default 2)")
     ap.add_argument("--profile-out", help="with --profile: also append the top-15 tables to this file")
+    ap.add_argument("--predict-for", choices=sorted(roofline.CARDS), default=None,
+                    help="with --profile: the card whose roofline.py prediction is printed beside the measured "
+                         "components (default: this GPU if it is an H100 or H200; none on a CPU)")
     benchlib.add_peak_tflops_flag(ap)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shape on the CPU, 4 pairs/step of short sequences, 1 warmup + 2 timed steps")
@@ -167,6 +208,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for mode in args.checkpointing:
         if mode not in ("none", "selective", "full"):
             ap.error(f"--checkpointing {mode!r}: expected none, selective or full")
+    args.projections = args.projections.split(",")
+    for layout in args.projections:
+        if layout not in ("fused", "separate"):
+            ap.error(f"--projections {layout!r}: expected fused or separate")
     return args
 
 
@@ -217,10 +262,12 @@ def main(argv=None) -> int:
     print(describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups, peak), flush=True)
     results, rc = [], 0
     try:
-        for mode in args.checkpointing:
-            cfg.model.activation_checkpointing = mode
-            for ref_name in ("precomputed", "live") if args.reference == "both" else (args.reference,):
-                results.append(measure(args, cfg, dist_info, model_cfg, groups, ref_name, peak))
+        for layout in args.projections:
+            cfg.model.fuse_projections = layout == "fused"
+            for mode in args.checkpointing:
+                cfg.model.activation_checkpointing = mode
+                for ref_name in ("precomputed", "live") if args.reference == "both" else (args.reference,):
+                    results.append(measure(args, cfg, dist_info, model_cfg, groups, ref_name, peak))
     except torch.cuda.OutOfMemoryError as e:  # what was measured before it is still reported below
         print(f"\nout of GPU memory with {layers} layers ({e.__class__.__name__}); pass a smaller --layers, "
               "--tokens-per-micro-batch, or --reference precomputed", file=sys.stderr)
@@ -268,7 +315,8 @@ def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups
         + f", {num_params(model_cfg) / 1e9:.3f}B params, random weights",
         (f"  device {benchlib.device_name(device)}, torch {torch.__version__}; attention {backend}, LM head {lm_head}, "
          f"compute {cfg.model.compute_dtype}, fp32 master weights + AdamW (FSDP2, world 1), activation "
-         f"checkpointing {', '.join(args.checkpointing)}, per-block torch.compile "
+         f"checkpointing {', '.join(args.checkpointing)}, projections {', '.join(args.projections)}, "
+         f"per-block torch.compile "
          f"{'on' if cfg.model.compile else 'off'}"),
         (f"  data: {args.lengths} lengths, share {args.share}: {n_pairs} pairs, mean prompt "
          f"{prompt_tok / len(groups):.0f} tokens, mean step {(tokens - prompt_tok) / n_cont:.0f}; "
@@ -281,13 +329,14 @@ def describe(args, device, backend, lm_head, cfg, model_cfg, layers_note, groups
 
 
 def format_results(results: list[dict], on_cuda: bool) -> str:
-    rows = [["reference", "checkpointing", "step s", "vs first", "micro-batches", "tokens/s", "pairs/s", "MFU",
-             "peak GiB", "loss", "precompute s"]]
+    rows = [["reference", "projections", "checkpointing", "step s", "vs first", "micro-batches", "tokens/s",
+             "pairs/s", "MFU", "peak GiB", "loss", "precompute s"]]
     first = {}  # reference -> the first mode's step time: the ratios compare modes side by side
     for r in results:
         step_s = r["seconds"] / r["timed_steps"]
         first.setdefault(r["reference"], step_s)
-        rows.append([r["reference"], r["activation_checkpointing"], f"{step_s:.3f}",
+        rows.append([r["reference"], "fused" if r["fuse_projections"] else "separate", r["activation_checkpointing"],
+                     f"{step_s:.3f}",
                      f"{step_s / first[r['reference']]:.2f}x",
                      f"{r['micro_batches'] / r['timed_steps']:.1f}/step", f"{r['tokens_per_s']:.0f}",
                      f"{r['pairs_per_s']:.2f}", "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",

@@ -307,14 +307,14 @@ def add_peak_tflops_flag(parser) -> None:
 # ----------------------------------------------------------------------------------------------
 class CountingFlops:
     """The run's FlopModel, also summing what the trainer asks it for: FLOPs (a live reference's forward
-    included), tokens and micro-batches of the training passes."""
+    included); tokens, LM-head rows, attended keys and micro-batches of the training passes."""
 
     def __init__(self, inner):
         self.inner = inner
         self.reset()
 
     def reset(self) -> None:
-        self.flops, self.tokens, self.micro_batches = 0.0, 0, 0
+        self.flops, self.tokens, self.micro_batches, self.rows, self.attended = 0.0, 0, 0, 0, 0
 
     def batch(self, tokens: int, attended: int, lm_rows: int, train: bool) -> float:
         flops = self.inner.batch(tokens, attended, lm_rows, train)
@@ -322,6 +322,8 @@ class CountingFlops:
         if train:
             self.tokens += tokens
             self.micro_batches += 1
+            self.rows += lm_rows
+            self.attended += attended
         return flops
 
 

@@ -439,11 +439,28 @@ def add_step_rows(ctx, table, records: list[dict]) -> None:
         ctx.check(math.isfinite(r["loss"]), f"{r['shape']} {r['reference']}: loss {r['loss']}")
 
 
+def add_component_rows(ctx, records: list[dict]) -> None:
+    """bench_step --profile's measured seconds per component beside roofline.py's prediction for the same work."""
+    profiled = [r for r in records if r.get("components_per_step")]
+    if not profiled:
+        return
+    table = ctx.table("per component, one profiled step: measured (profiler self time) / PREDICTED (roofline.py)",
+                      ["reference", "component", "measured ms", "predicted ms", "measured / predicted"])
+    for r in profiled:
+        for group, c in r["components_per_step"].items():
+            m, p = c["measured_s"], c["predicted_s"]
+            table.add(r["reference"], group, f"{m * 1e3:.3g}", fmt(p * 1e3 if p else None, ".3g"),
+                      f"{m / p:.2f}" if p else "-")
+
+
 def stage_step_1p5b(ctx) -> None:
     base = ["--smoke"] if ctx.rehearsal else ["--shape", "qwen2-1.5b", "--warmup", "1", "--steps", "3"]
     base += peak_args(ctx)
     profile = ctx.artifact("profile")
-    runs = [("ac_on", ["--reference", "both", "--profile", "--profile-steps", "1", "--profile-out", str(profile)]),
+    profiled = ["--reference", "both", "--profile", "--profile-steps", "1", "--profile-out", str(profile)]
+    if ctx.rehearsal:  # the prediction's code path, for a card this CPU is not
+        profiled += ["--predict-for", "h100"]
+    runs = [("ac_on", profiled),
             ("ac_off", ["--reference", "precomputed", "--no-activation-checkpointing"])]
     shape = ("tiny shape (bench_step --smoke: 4 pairs/step, 2048 tokens/micro-batch, short sequences)"
              if ctx.rehearsal else "Qwen2-1.5B shape, 128 pairs/step, 8192 tokens/micro-batch, design lengths")
@@ -457,6 +474,7 @@ def stage_step_1p5b(ctx) -> None:
         add_step_rows(ctx, table, records)
         measured += records
         ctx.check(rc == 0 and bool(records), f"bench_step {tag}: exit code {rc} (3: out of memory)")
+    add_component_rows(ctx, measured)
     if profile.is_file():
         ctx.note("top-15 kernels of one profiled step per reference: gpu_check_profile.txt")
     ctx.summary(", ".join(f"{r['reference']}/ckpt {r['activation_checkpointing']} "

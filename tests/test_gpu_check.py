@@ -190,6 +190,9 @@ def test_cpu_rehearsal_runs_every_stage_within_its_budget(tmp_path):
     assert stages["demo"]["status"] == "ok"  # first loss ln 2, the steps logged, the export loads
     assert stages["step_1p5b"]["status"] == "ok" and len(stages["step_1p5b"]["tables"][0]["rows"]) == 3
     assert "top 15" in (out / "gpu_check_profile.txt").read_text()
+    components = stages["step_1p5b"]["tables"][1]  # measured / predicted per component, both references
+    assert "PREDICTED" in components["title"] and len(components["rows"]) == 2 * 6
+    assert all(row[3] != "–" for row in components["rows"]), components["rows"]  # --predict-for h100
 
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("### gpu_check: CPU rehearsal") and "- commit: test (--commit)" in md

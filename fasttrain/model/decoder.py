@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import profiler as autograd_profiler
 from torch.utils.checkpoint import checkpoint
 
 from fasttrain.attention import BACKENDS, varlen_attention
@@ -142,6 +144,12 @@ def _save_matmuls_and_attention():
     return create_selective_checkpoint_contexts(policy)
 
 
+def profiler_range(name: str):
+    """A named range while torch.profiler records (benchmarks/components.py splits a step's measured time by
+    them), nothing otherwise: a record_function costs microseconds, and there are two per block and micro-batch."""
+    return torch.profiler.record_function(name) if autograd_profiler._is_profiler_enabled else nullcontext()
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -169,7 +177,8 @@ class DecoderLayer(nn.Module):
     def _block(self, h_TD, cos_TH, sin_TH, attn, backend, compiled):
         pre, post = compiled_regions() if compiled else (pre_attention, post_attention)
         q_TNH, k_TMH, v_TMH = pre(self, h_TD, cos_TH, sin_TH)
-        o_TNH = varlen_attention(q_TNH, k_TMH, v_TMH, attn, backend)  # eager: host-side cu_seqlens / max_seqlen
+        with profiler_range("fasttrain.attention"):  # eager: host-side cu_seqlens / max_seqlen
+            o_TNH = varlen_attention(q_TNH, k_TMH, v_TMH, attn, backend)
         return post(self, h_TD, o_TNH)
 
 
@@ -294,8 +303,9 @@ class CausalLM(nn.Module):
         """logp_R (fp32): log-prob of lp_targets_N under the rows lp_rows_N. The LM head runs here,
         inside the module's forward, so FSDP's hooks have gathered its (maybe tied) weight."""
         h_TD = self.hidden_states(batch.input_ids_T, batch.position_ids_T, batch.attn)
-        h_RD = h_TD.index_select(0, batch.lp_rows_N)
-        return lm_head_logprobs(h_RD, self.lm_head.weight, batch.lp_targets_N, impl=self.lm_head_impl)
+        with profiler_range("fasttrain.lm_head"):
+            h_RD = h_TD.index_select(0, batch.lp_rows_N)
+            return lm_head_logprobs(h_RD, self.lm_head.weight, batch.lp_targets_N, impl=self.lm_head_impl)
 
     def logits(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, attn: AttentionMeta) -> torch.Tensor:
         """logits_TV for every row (parity tests; training never materialises these)."""
