@@ -30,7 +30,7 @@ setup(
         "parquet": ["pyarrow>=14"],
         "plots": ["matplotlib>=3.7"],
         "bench": ["trl==1.16.0", "datasets>=4.7"],
-        "test": ["pytest>=7", "pyarrow>=14", "hypothesis>=6", "ruff>=0.6"],
+        "test": ["pytest>=7", "pyarrow>=14", "hypothesis>=6", "ruff>=0.6", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["fasttrain=fasttrain.run:main"]},
 )

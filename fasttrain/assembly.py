@@ -24,6 +24,7 @@ from fasttrain.flops import FlopModel
 from fasttrain.packing import PromptGroup, build_groups
 from fasttrain.plan import plan_inference, plan_steps
 from fasttrain.reference_logps import (
+    AdaptersOffReference,
     LiveReference,
     PrecomputedReference,
     compute_pair_logps,
@@ -151,8 +152,18 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     model_cfg = dataclasses.replace(model_cfg, fuse_projections=cfg.model.fuse_projections)
     compute_dtype = getattr(torch, cfg.model.compute_dtype)
     compact = cfg.train.optimizer_state == "compact"
-    model = build_model(model_cfg, device="meta",
-                        dtype=(torch.bfloat16 if compact else torch.float32) if trainable else compute_dtype)
+    lora = lora_spec(cfg) if trainable else None
+    master_dtype = torch.bfloat16 if compact else torch.float32
+    # LoRA: the base is frozen and held in the compute dtype; the fp32 adapters are the trained parameters
+    model = build_model(model_cfg, device="meta", dtype=master_dtype if trainable and not lora else compute_dtype)
+    if lora is not None:
+        from fasttrain.model.lora import add_adapters, check_rank
+
+        try:
+            check_rank(model, lora)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        add_adapters(model, lora)
     model.set_attention_backend(backend)
     model.lm_head_impl = resolve_lm_head(cfg.model.lm_head_impl, dist_info.device)
     model.activation_checkpointing = resolve_checkpointing(cfg, model_cfg, dist_info) if trainable else "none"
@@ -172,6 +183,7 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
     model.reset_buffers()
     if init_weights is not None:
         init_weights(model)
+        init_lora(model, lora, cfg.train.seed)
     else:
         # Each rank reads its own rows: a truncated file can fail on the ranks that read its end only.
         with fdist.all_ranks_agree():
@@ -179,6 +191,7 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
                 load_hf_weights(model, cfg.model.path)
             except (OSError, ValueError, KeyError) as e:
                 raise UserError(_message(e)) from None
+        init_lora(model, lora, cfg.train.seed)
         if compact and trainable and dist_info.is_main:
             warn_compact_rounding(cfg.model.path)
     if not trainable:
@@ -186,6 +199,17 @@ def build_sharded_model(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str,
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def init_lora(model, lora, seed: int) -> None:
+    if lora is not None:
+        from fasttrain.model.lora import adapter_parameters, init_adapters
+
+        init_adapters(model, seed)
+        n = sum(p.numel() for p in adapter_parameters(model).values())
+        log.info("LoRA: rank %d, alpha %g (scale %g), dropout %g on %s: %.2fM adapter parameters trained, the "
+                 "base frozen in %s", lora.rank, lora.alpha, lora.scale, lora.dropout, ",".join(lora.targets),
+                 n / 1e6, next(p for p in model.parameters() if not p.requires_grad).dtype)
 
 
 def warn_compact_rounding(model_dir: str) -> None:
@@ -215,36 +239,66 @@ def check_memory_plan(model_cfg, cfg: RunConfig, dist_info: fdist.DistInfo) -> N
 
     Both models of a run count: the trainable one's weights + grads + AdamW m, v (16 bytes/param with
     train.optimizer_state=fp32, 10 with compact; host memory instead with model.cpu_offload), and a live
-    reference's frozen compute-dtype shards (2 bytes/param in bf16), all sharded over every rank. Activations
-    and the gathered bf16 blocks come on top, so at most 85% of the card is planned.
+    reference's frozen compute-dtype shards (2 bytes/param in bf16), all sharded over every rank. With LoRA the
+    base is frozen in the compute dtype and only the adapters carry training state; the live reference is the same
+    model. Activations and the gathered bf16 blocks come on top, so at most 85% of the card is planned.
     """
     if dist_info.device.type != "cuda":
         return
     from fasttrain.model.config import num_params
 
     n = num_params(model_cfg)
-    policy_bytes, reference_bytes = state_bytes_per_param(cfg)
-    need = n * (policy_bytes + reference_bytes) / dist_info.world_size
+    policy, reference, what = state_bytes(model_cfg, cfg)
+    need = (policy + reference) / dist_info.world_size
     have = torch.cuda.get_device_properties(dist_info.device).total_memory
     if need > 0.85 * have:
-        parts = [f"{policy_bytes} bytes/param training state (train.optimizer_state={cfg.train.optimizer_state})"]
-        if reference_bytes:
-            parts.append(f"{reference_bytes} bytes/param live reference")
         raise UserError(
             f"the sharded state of {n / 1e9:.1f}B params needs {need / 2**30:.1f} GiB per GPU on "
-            f"{dist_info.world_size} GPU(s) ({' + '.join(parts)}), more than 85% of this card's "
+            f"{dist_info.world_size} GPU(s) ({what}), more than 85% of this card's "
             f"{have / 2**30:.0f} GiB. Use more GPUs (nodes), train.optimizer_state=compact, model.cpu_offload=true, "
-            "or loss.reference=precompute."
+            "model.lora_rank > 0, or loss.reference=precompute."
         )
 
 
-def state_bytes_per_param(cfg: RunConfig) -> tuple[int, int]:
-    """(training state, live reference) bytes per parameter on the GPU, sharded over all ranks."""
+def state_bytes(model_cfg, cfg: RunConfig) -> tuple[float, float, str]:
+    """(training state, live reference) bytes on the GPUs, all ranks together, and how they are made up."""
     from fasttrain.compact_adamw import STATE_BYTES_PER_PARAM
+    from fasttrain.model.config import num_params
 
+    n = num_params(model_cfg)
+    if cfg.model.lora_rank > 0:
+        adapters = lora_params(model_cfg, cfg)
+        per_adapter = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM["fp32"]
+        base = compute_dtype_bytes(cfg)
+        return (n * base + adapters * per_adapter, 0.0,
+                f"frozen base {base} bytes/param + {adapters / 1e6:.1f}M adapter params x {per_adapter} bytes")
     policy_bytes = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM[cfg.train.optimizer_state]
     reference_bytes = compute_dtype_bytes(cfg) if cfg.loss.reference == "live" else 0
-    return policy_bytes, reference_bytes
+    what = f"{policy_bytes} bytes/param training state (train.optimizer_state={cfg.train.optimizer_state})"
+    if reference_bytes:
+        what += f" + {reference_bytes} bytes/param live reference"
+    return n * policy_bytes, n * reference_bytes, what
+
+
+def lora_params(model_cfg, cfg: RunConfig) -> int:
+    """Adapter parameters: rank x (in + out) for every targeted HF layer of every block."""
+    from fasttrain.model.lora import parse_targets
+
+    D, F, q, kv = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.q_dim, model_cfg.kv_dim
+    widths = {"q_proj": D + q, "k_proj": D + kv, "v_proj": D + kv, "o_proj": q + D, "gate_proj": D + F,
+              "up_proj": D + F, "down_proj": F + D}
+    per_block = sum(widths[t] for t in parse_targets(cfg.model.lora_targets))
+    return cfg.model.lora_rank * per_block * model_cfg.num_hidden_layers
+
+
+def lora_spec(cfg: RunConfig):
+    """model.lora_* as a LoraSpec, or None for full fine-tuning."""
+    from fasttrain.model.lora import LoraSpec, parse_targets
+
+    m = cfg.model
+    if m.lora_rank <= 0:
+        return None
+    return LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, parse_targets(m.lora_targets))
 
 
 def compute_dtype_bytes(cfg: RunConfig) -> int:
@@ -264,10 +318,9 @@ def resolve_checkpointing(cfg: RunConfig, model_cfg, dist_info: fdist.DistInfo) 
                  "nothing plans")
         return "none"
     from fasttrain import activation_memory
-    from fasttrain.model.config import num_params
 
-    policy_bytes, reference_bytes = state_bytes_per_param(cfg)
-    state = num_params(model_cfg) * (policy_bytes + reference_bytes) / dist_info.world_size
+    policy, reference, _ = state_bytes(model_cfg, cfg)
+    state = (policy + reference) / dist_info.world_size
     choice = activation_memory.choose(model_cfg, cfg.train.tokens_per_micro_batch, compute_dtype_bytes(cfg),
                                       torch.cuda.get_device_properties(dist_info.device).total_memory, state)
     if dist_info.is_main:
@@ -304,6 +357,9 @@ def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, po
     """Live: a frozen sharded copy (of ``cfg.model.path``, or ``model_cfg`` + ``init_weights`` like the policy).
     Precompute: one pass of the (still initial) policy over each set ("train", and "eval" when there is one),
     cached on disk under a key of model files, tokens, compute dtype and LM head."""
+    if cfg.loss.reference == "live" and cfg.model.lora_rank > 0:  # the policy with its adapters off
+        live = AdaptersOffReference(policy)
+        return References(live, {"train_subset": live, **({"eval": live} if "eval" in sets else {})})
     if cfg.loss.reference == "live":
         live = LiveReference(build_sharded_model(cfg, dist_info, backend, trainable=False, model_cfg=model_cfg,
                                                  init_weights=init_weights))
@@ -313,8 +369,11 @@ def build_references(cfg: RunConfig, dist_info: fdist.DistInfo, backend: str, po
     all_cached = True
     for name, ref_set in sets.items():
         def compute(ref_set=ref_set):
-            return compute_pair_logps(policy, plan_inference(ref_set.groups, world, budget)[dist_info.rank],
-                                      ref_set.num_pairs, dist_info.device)
+            from fasttrain.model.lora import adapters_disabled
+
+            with adapters_disabled(policy):  # LoRA: the base (its adapters start at B = 0, so the same numbers)
+                return compute_pair_logps(policy, plan_inference(ref_set.groups, world, budget)[dist_info.rank],
+                                          ref_set.num_pairs, dist_info.device)
 
         t0 = time.perf_counter()
         if ref_set.cache_tokens is None:

@@ -39,6 +39,14 @@ class ModelSection:
     # One GEMM for q/k/v and one for gate/up per block instead of five, each reading its input once (weights
     # stacked when loaded, split again when exported: HF files keep transformers' names; DESIGN §5.6).
     fuse_projections: bool = True
+    # LoRA (fasttrain/model/lora.py, DESIGN §5.7): rank 0 trains every weight. Rank > 0 freezes the base (held in
+    # the compute dtype, FSDP-sharded, no master / gradient / optimizer state) and trains adapters
+    # y += (alpha / rank) * B A x on the target layers ("all", or a comma list of q_proj, k_proj, v_proj, o_proj,
+    # gate_proj, up_proj, down_proj); final/ is then a PEFT adapter directory.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all"
 
 
 @dataclass
@@ -81,6 +89,9 @@ class TrainSection:
     # moments, 16 bytes. compact: bf16 weights + the master's low 16 bits (the fp32 master exactly), bf16 grads,
     # bf16 moments with stochastic rounding, 10 bytes: Qwen2-72B's state fits 8 x 141 GB without CPU offload.
     optimizer_state: str = "fp32"
+    # With LoRA: also write the base with the adapters merged (W + alpha/rank B A, fp32) as a plain HF checkpoint
+    # next to each adapter export, <export>_merged/
+    merge_lora: bool = False
     seed: int = 42
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate before training and at the end only
@@ -133,6 +144,7 @@ class RunConfig:
             # untested: the compiled regions would run under the selective-checkpoint dispatch mode
             raise ConfigError("model.activation_checkpointing=selective with model.compile=true is not supported "
                               "yet: use full or none with model.compile")
+        self._validate_lora()
         if not self.model.path:
             raise ConfigError("model.path is required (an HF model directory)")
         if not self.data.train:
@@ -174,6 +186,33 @@ class RunConfig:
             raise ConfigError("train.max_consecutive_skips must be >= 1")
         if t.epochs <= 0 and t.max_steps <= 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+
+
+    def _validate_lora(self) -> None:
+        from fasttrain.model.lora import parse_targets
+
+        m, defaults = self.model, ModelSection()
+        if m.lora_rank < 0:
+            raise ConfigError(f"model.lora_rank={m.lora_rank}: expected 0 (full fine-tuning) or a positive rank")
+        if m.lora_rank == 0:
+            for key in ("lora_alpha", "lora_dropout", "lora_targets"):
+                if getattr(m, key) != getattr(defaults, key):
+                    raise ConfigError(f"model.{key}={getattr(m, key)!r} is set but model.lora_rank=0 trains every "
+                                      "weight: set model.lora_rank > 0 for LoRA, or leave model." + key + " out")
+            if self.train.merge_lora:
+                raise ConfigError("train.merge_lora=true needs LoRA (model.lora_rank > 0)")
+            return
+        if m.lora_alpha <= 0:
+            raise ConfigError(f"model.lora_alpha={m.lora_alpha}: expected > 0")
+        if not 0 <= m.lora_dropout < 1:
+            raise ConfigError(f"model.lora_dropout={m.lora_dropout}: expected in [0, 1)")
+        try:
+            parse_targets(m.lora_targets)
+        except ValueError as e:
+            raise ConfigError(f"model.lora_targets={m.lora_targets!r}: {e}") from None
+        if self.train.optimizer_state != "fp32":
+            raise ConfigError("train.optimizer_state=compact with model.lora_rank > 0: LoRA's trainable state is a "
+                              "few hundred MB, keep train.optimizer_state=fp32")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

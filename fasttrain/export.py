@@ -114,6 +114,8 @@ def export_hf(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool,
     replaced. ``optimizer``: the run's, whose state holds the masters' low bits with optimizer_state=compact."""
     from fasttrain.model.hf_checkpoint import save_hf_checkpoint
 
+    if cfg.model.lora_rank > 0:
+        return export_lora(model, cfg, out, dist_info, replace)
     update_norm, errors, source_dtype = measure_update_error(model, cfg.model.path, optimizer)
     dtype, reason = choose_export_dtype(cfg.train.save_dtype, errors, source_dtype)
     report = ExportReport(str(out), dtype, reason, update_norm, errors)
@@ -128,6 +130,39 @@ def export_hf(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool,
                                dtype=getattr(torch, dtype), overwrite=replace)
             log.info("exported %s (HF format) in %s: %s", out, dtype, reason)
     return report
+
+
+def export_lora(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool) -> ExportReport:
+    """Collective: the adapters (fp32, a few hundred MB at most) gathered to rank 0's host memory and written as a
+    PEFT adapter directory at ``out``; with train.merge_lora also the base with the adapters merged in fp32, a
+    plain HF checkpoint at ``<out>_merged`` (every rank joins the base's gathers then)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from fasttrain.assembly import lora_spec
+    from fasttrain.model.hf_checkpoint import save_hf_checkpoint, save_peft_adapter
+    from fasttrain.model.lora import is_adapter, merged_state_dict, peft_config, peft_name
+
+    spec = lora_spec(cfg)
+    fdist.reshard_all(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not cfg.train.merge_lora)
+    state = get_model_state_dict(model, options=options)
+    tokenizer_dir = cfg.model.tokenizer or cfg.model.path
+    update_sq = 0.0
+    with fdist.all_ranks_agree():
+        if dist_info.is_main:
+            adapters = {peft_name(n): t.float() for n, t in state.items() if is_adapter(n)}
+            for n, a in state.items():  # ||scale B A||^2 summed over the adapted layers: the update of the weights
+                if is_adapter(n) and n.endswith(".A"):
+                    update_sq += float((spec.scale * (state[n[:-1] + "B"].float() @ a.float())).square().sum())
+            save_peft_adapter(adapters, peft_config(spec, str(cfg.model.path)), out, tokenizer_dir, overwrite=replace)
+            log.info("exported %s (PEFT LoRA adapter, %d tensors, float32)", out, len(adapters))
+            if cfg.train.merge_lora:
+                merged = out.with_name(out.name + "_merged")
+                save_hf_checkpoint(merged_state_dict(state, model.config, spec), model.config, merged,
+                                   tokenizer_dir=tokenizer_dir, dtype=torch.float32, overwrite=replace)
+                log.info("exported %s (the base with the adapters merged, HF format, float32)", merged)
+    return ExportReport(str(out), "float32", "LoRA adapters in PEFT format (fp32: a few hundred MB at most)",
+                        math.sqrt(update_sq), {"float32": 0.0})
 
 
 def gather_master_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, is_main: bool

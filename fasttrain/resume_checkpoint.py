@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from fasttrain import distributed as fdist
 from fasttrain.errors import UserError
@@ -44,12 +44,15 @@ MUST_MATCH = {
     "train": ("epochs", "max_steps", "global_batch_pairs", "tokens_per_micro_batch", "lr", "weight_decay",
               "adam_beta1", "adam_beta2", "adam_eps", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "seed",
               "optimizer_state"),
-    "model": ("compute_dtype", "lm_head_impl", "fuse_projections"),
+    "model": ("compute_dtype", "lm_head_impl", "fuse_projections", "lora_rank", "lora_alpha", "lora_dropout",
+              "lora_targets"),
 }
 
 # Keys added to MUST_MATCH after checkpoints were written without them: a missing value means this (the
 # behaviour before the key existed), so those checkpoints still resume.
-ADDED_LATER = {("train", "optimizer_state"): "fp32", ("model", "fuse_projections"): False}
+ADDED_LATER = {("train", "optimizer_state"): "fp32", ("model", "fuse_projections"): False,
+               ("model", "lora_rank"): 0, ("model", "lora_alpha"): 16.0, ("model", "lora_dropout"): 0.0,
+               ("model", "lora_targets"): "all"}
 
 
 def package_versions() -> dict[str, str]:
@@ -132,7 +135,7 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, info: dic
             if tmp.exists():  # left by an earlier crash at this very step
                 shutil.rmtree(tmp)
             tmp.mkdir()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng-rank{dist_info.rank}.pt")
     fdist.barrier()
@@ -147,6 +150,24 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, info: dic
             _prune(root, keep)
             log.info("checkpoint: %s", final)
     return final
+
+
+def _options(model) -> StateDictOptions:
+    """Frozen parameters (LoRA's base, reloaded from model.path on resume) are not part of a checkpoint; without
+    any, loading stays strict."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
+def _state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """get_state_dict without frozen parameters. ignore_frozen_params drops each frozen parameter under its first
+    name only: a tied LM head would still be saved as ``lm_head.weight`` (the whole embedding), so the model's keys
+    are narrowed to the trained parameters' names."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
+    if any(not p.requires_grad for p in model.parameters()):
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trained}
+    return model_sd, optim_sd
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -166,10 +187,16 @@ def load(path: Path, model, optimizer, current_info: dict, dist_info: fdist.Dist
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read checkpoint {path}: {e}") from None
         check_compatible(saved_info, current_info, path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _options(model)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                          options=options)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # + tied names
+    if keys is not None and (set(keys.missing_keys) - frozen or keys.unexpected_keys):
+        raise UserError(f"cannot resume from {path}: the checkpoint lacks {sorted(set(keys.missing_keys) - frozen)} "
+                        f"and has {sorted(keys.unexpected_keys)} that the model does not")
     rng_file = path / f"rng-rank{dist_info.rank}.pt"
     if rng_file.exists():  # absent when the world size grew
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -42,9 +42,10 @@ def ok(result):
     assert result.returncode == 0, f"stderr:\n{result.stderr[:4000]}\n...\n{result.stderr[-4000:]}"
 
 
-@pytest.mark.parametrize("optimizer_state", ["fp32", "compact"])
+@pytest.mark.parametrize("optimizer_state", ["fp32", "compact", "lora"])
 def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, optimizer_state):
-    state = [f"train.optimizer_state={optimizer_state}"]
+    lora = optimizer_state == "lora"  # LoRA adapters (fp32 state) on the frozen base
+    state = ["model.lora_rank=4"] if lora else [f"train.optimizer_state={optimizer_state}"]
     clean = launch(args_for(tmp_path, "clean", extra=state), nproc=2)
     ok(clean)
     # Rank 1 SIGKILLs itself in the middle of step 6 (after step 5 was logged and step 4 checkpointed);
@@ -63,8 +64,9 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, optimizer_
     for ra, rb in zip(a, b):
         for key in ("loss", "rewards/margins", "grad_norm", "lr"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (key, ra, rb)
-    wa = load_file(tmp_path / "clean" / "final" / "model.safetensors")
-    wb = load_file(tmp_path / "crashed" / "final" / "model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    wa = load_file(tmp_path / "clean" / "final" / weights)
+    wb = load_file(tmp_path / "crashed" / "final" / weights)
     for name in wa:  # same ranks, same data order, restored AdamW state (compact: its low bits and rounding
         # keys too): the same arithmetic
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-7, msg=name)
@@ -75,6 +77,10 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, optimizer_
     latest = root / "step-00000006"
     assert {"trainer_state.json", "run_info.json", "rng-rank0.pt", "rng-rank1.pt", ".metadata"} <= {
         p.name for p in latest.iterdir()}
+    from torch.distributed.checkpoint import FileSystemReader
+
+    model_keys = [k for k in FileSystemReader(str(latest)).read_metadata().state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all((".lora." in k) == lora for k in model_keys), model_keys[:5]  # LoRA: adapters only
 
 
 def test_find_latest_ignores_incomplete(tmp_path, caplog):

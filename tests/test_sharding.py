@@ -24,7 +24,7 @@ from fasttrain.assembly import check_memory_plan
 from fasttrain.config import RunConfig
 from fasttrain.distributed import DistInfo
 from fasttrain.errors import UserError
-from fasttrain.model.config import ModelConfig
+from fasttrain.model.config import ModelConfig, num_params
 from fasttrain.model.decoder import build_model
 from fasttrain.packing import AttentionMeta, PairRef, PromptGroup, pack_groups
 
@@ -177,3 +177,23 @@ def test_the_live_reference_counts_with_the_training_state(h100):
 def test_no_plan_off_cuda():
     cfg = RunConfig()
     check_memory_plan(ModelConfig.from_hf_dict(QWEN2_72B), cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def test_lora_plans_the_frozen_base_and_the_adapters(monkeypatch):
+    """LoRA: the base frozen in bf16 (2 B/param) + the adapters' fp32 state; Qwen2-72B on one 8 x 80 GB node fits
+    without offload (18 GB per GPU for the base), and the live reference adds nothing (it is the same model)."""
+    from fasttrain.assembly import lora_params, state_bytes
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80e9))
+    cfg = RunConfig()
+    cfg.model.compute_dtype, cfg.model.lora_rank, cfg.loss.reference = "bfloat16", 64, "live"
+    model_cfg = ModelConfig.from_hf_dict(QWEN2_72B)
+    adapters = lora_params(model_cfg, cfg)
+    D, F, q, kv, L = 8192, 29568, 8192, 1024, 80
+    assert adapters == 64 * L * ((D + q) + 2 * (D + kv) + (q + D) + 2 * (D + F) + (F + D))
+    policy, reference, what = state_bytes(model_cfg, cfg)
+    assert reference == 0 and policy == pytest.approx(2 * num_params(model_cfg) + 16 * adapters)
+    assert "frozen base 2 bytes/param" in what
+    check_memory_plan(model_cfg, cfg, DistInfo(0, 8, 0, torch.device("cuda")))
+    with pytest.raises(UserError, match=r"frozen base 2 bytes/param"):  # but not on one GPU
+        check_memory_plan(model_cfg, cfg, DistInfo(0, 1, 0, torch.device("cuda")))

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from fasttrain.attention import BACKENDS, varlen_attention
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.hf_layout import hf_pieces
+from fasttrain.model.lora import adapted, is_adapter
 from fasttrain.model.rope import apply_rope, inv_freq, rope_cos_sin
 from fasttrain.model.shards import check_writable_sharding, local_shard
 from fasttrain.packing import AttentionMeta, PackedBatch
@@ -68,9 +69,9 @@ class Attention(nn.Module):
         """q_TNH, k_TMH, v_TMH: projections, Qwen3's qk-norm and RoPE (everything before the varlen call)."""
         T = x_TD.shape[0]
         if hasattr(self, "qkv_proj"):
-            q_TQ, k_TK, v_TK = self.qkv_proj(x_TD).split(self.qkv_split, dim=-1)
+            q_TQ, k_TK, v_TK = adapted(self, "qkv_proj", x_TD).split(self.qkv_split, dim=-1)
         else:
-            q_TQ, k_TK, v_TK = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+            q_TQ, k_TK, v_TK = (adapted(self, name, x_TD) for name in ("q_proj", "k_proj", "v_proj"))
         q_TNH = q_TQ.view(T, self.n_heads, self.head_dim)
         k_TMH = k_TK.view(T, self.n_kv, self.head_dim)
         # v is the only projection that reaches the attention kernel without an element-wise op making it
@@ -81,7 +82,14 @@ class Attention(nn.Module):
         return apply_rope(q_TNH, cos_TH, sin_TH), apply_rope(k_TMH, cos_TH, sin_TH), v_TMH
 
     def output(self, o_TNH: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(o_TNH.reshape(o_TNH.shape[0], self.n_heads * self.head_dim))
+        return adapted(self, "o_proj", o_TNH.reshape(o_TNH.shape[0], self.n_heads * self.head_dim))
+
+    def hf_pieces(self) -> dict[str, list[tuple[str, int]]]:
+        """Our linear layers -> the HF layers each computes, (name, output rows) in row order (LoRA's map)."""
+        q, kv = self.qkv_split[0], self.qkv_split[1]
+        qkv = {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]} if hasattr(self, "qkv_proj") else {
+            "q_proj": [("q_proj", q)], "k_proj": [("k_proj", kv)], "v_proj": [("v_proj", kv)]}
+        return {**qkv, "o_proj": [("o_proj", self.o_proj.out_features)]}
 
 
 class MLP(nn.Module):
@@ -98,10 +106,17 @@ class MLP(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            gate_TF, up_TF = self.gate_up_proj(x_TD).split(self.ffn_size, dim=-1)
+            gate_TF, up_TF = adapted(self, "gate_up_proj", x_TD).split(self.ffn_size, dim=-1)
         else:
-            gate_TF, up_TF = self.gate_proj(x_TD), self.up_proj(x_TD)
-        return self.down_proj(F.silu(gate_TF) * up_TF)
+            gate_TF, up_TF = adapted(self, "gate_proj", x_TD), adapted(self, "up_proj", x_TD)
+        return adapted(self, "down_proj", F.silu(gate_TF) * up_TF)
+
+    def hf_pieces(self) -> dict[str, list[tuple[str, int]]]:
+        """Our linear layers -> the HF layers each computes, (name, output rows) in row order (LoRA's map)."""
+        Fd = self.ffn_size
+        gate_up = {"gate_up_proj": [("gate_proj", Fd), ("up_proj", Fd)]} if hasattr(self, "gate_up_proj") else {
+            "gate_proj": [("gate_proj", Fd)], "up_proj": [("up_proj", Fd)]}
+        return {**gate_up, "down_proj": [("down_proj", self.down_proj.out_features)]}
 
 
 CHECKPOINTING_MODES = ("none", "selective", "full")
@@ -328,6 +343,8 @@ class CausalLM(nn.Module):
             device = next(self.parameters()).device if on_device else torch.device("cpu")
             generator = torch.Generator(device=device).manual_seed(seed)
         for name, param in self.named_parameters():  # a tied weight appears once
+            if is_adapter(name):  # LoRA's own init (lora.init_adapters)
+                continue
             local, start, end = local_shard(param, name)
             if name.endswith("norm.weight"):
                 local.fill_(1.0)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from fasttrain.model.config import ARCHITECTURES, ModelConfig
 from fasttrain.model.decoder import CausalLM
 from fasttrain.model.hf_layout import HFReader, Piece, hf_pieces, to_hf_state_dict
+from fasttrain.model.lora import is_adapter
 from fasttrain.model.shards import check_writable_sharding, local_shard
 
 SINGLE_FILE = "model.safetensors"
@@ -128,7 +130,8 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> Non
     """
     check_writable_sharding(model)
     files = checkpoint_tensor_files(model_dir)
-    params = dict(model.named_parameters())  # remove_duplicate: a tied weight appears once
+    # remove_duplicate: a tied weight appears once; LoRA adapters are not in HF files
+    params = {n: p for n, p in model.named_parameters() if not is_adapter(n)}
     pieces = {n: param_pieces(model, n, p) for n, p in params.items()}
     where = Path(model_dir) / (INDEX_FILE if (Path(model_dir) / INDEX_FILE).is_file() else SINGLE_FILE)
 
@@ -212,21 +215,46 @@ def save_hf_checkpoint(
         raise ValueError("pass either tokenizer or tokenizer_dir, not both")
     tensors = _checked_state_dict(to_hf_state_dict(full_state_dict, cfg), cfg)
 
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with _atomic_dir(out) as tmp:
         _write_safetensors(tensors, tmp, dtype, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(_hf_config(cfg, dtype), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         elif tokenizer_dir is not None:
             _copy_tokenizer_files(Path(tokenizer_dir), tmp)
+    return out
+
+
+def save_peft_adapter(adapters: dict[str, torch.Tensor], adapter_config: dict, out_dir: str | os.PathLike,
+                      tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, keys already
+    PEFT's), atomically like save_hf_checkpoint; the tokenizer files beside it, so the directory is usable alone."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    with _atomic_dir(out) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in adapters.items()},
+                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        if tokenizer_dir is not None:
+            _copy_tokenizer_files(Path(tokenizer_dir), tmp)
+    return out
+
+
+@contextmanager
+def _atomic_dir(out: Path):
+    """Yields ``<out>.tmp-<pid>`` to fill; when the block ends, its files get the usual umask-based mode
+    (safetensors creates them 0600), are fsynced, and the directory replaces ``out`` by a rename. On any error the
+    temporary directory is removed and ``out`` is left as it was."""
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         for p in tmp.iterdir():
-            # safetensors creates files 0600; give them the usual umask-based mode like any output.
             os.chmod(p, 0o666 & ~umask)
             with open(p, "rb") as fh:  # durable before the rename makes it look finished
                 os.fsync(fh.fileno())
@@ -240,7 +268,6 @@ def save_hf_checkpoint(
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-    return out
 
 
 def _checked_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
