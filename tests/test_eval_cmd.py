@@ -149,3 +149,20 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert eval_main(["--model", str(DEMO_MODEL), "--data", str(tmp_path / "nope.jsonl"), "--out",
                       str(tmp_path / "o3")]) == 2
     assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_a_lora_adapter_directory_is_named_with_what_to_evaluate_instead(tmp_path, capsys):
+    """LoRA runs export PEFT adapter directories (no config.json): the error says so and points at the merged
+    export when there is one."""
+    from fasttrain.eval.generate import check_model_dir
+
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="a LoRA adapter directory .PEFT.*train.merge_lora=true"):
+        check_model_dir(str(adapter))
+    merged = tmp_path / "final_merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=f"evaluate {merged}, its merged export"):
+        check_model_dir(str(adapter))

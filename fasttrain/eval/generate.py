@@ -303,6 +303,11 @@ def check_model_dir(model_dir: str) -> None:
     from fasttrain.model.hf_checkpoint import INDEX_FILE, SINGLE_FILE, check_model_files
 
     d = Path(model_dir)
+    if not (d / "config.json").is_file() and (d / "adapter_config.json").is_file():
+        merged = d.with_name(d.name + "_merged")
+        hint = (f"evaluate {merged}, its merged export" if (merged / "config.json").is_file() else
+                "train with train.merge_lora=true for a merged export beside it, or merge it with peft")
+        raise UserError(f"--model {model_dir}: a LoRA adapter directory (PEFT), not a whole model; {hint}")
     if not (d / "config.json").is_file():
         raise UserError(f"--model {model_dir}: expected a Hugging Face model directory with a config.json")
     if (d / INDEX_FILE).is_file() or (d / SINGLE_FILE).is_file():
