@@ -165,12 +165,13 @@ def stage_correctness(ctx) -> None:
     dev = get_device(ctx)
     # the attention grid may use what the LM-head and whole-model checks do not need (~35 s on a GPU, a few
     # seconds of interpreted kernels in the rehearsal)
-    attention_stop = time.time() + ctx.time_left() - (4 if ctx.rehearsal else 35)
+    attention_stop = time.time() + ctx.time_left() - (6 if ctx.rehearsal else 40)
     n_att = timed("attention", check_attention, ctx, dev, attention_stop)
     n_lm = timed("LM head", check_lm_head, ctx, dev)
     n_model = timed("whole model", check_whole_model, ctx, dev)
     n_compact = timed("compact optimizer", check_compact_optimizer, ctx, dev)
-    ctx.summary(f"attention {n_att}, LM head {n_lm}, whole model {n_model}, compact AdamW {n_compact}"
+    n_lora = timed("LoRA", check_lora, ctx, dev)
+    ctx.summary(f"attention {n_att}, LM head {n_lm}, whole model {n_model}, compact AdamW {n_compact}, LoRA {n_lora}"
                 + ("" if not ctx.failures else f"; {len(ctx.failures)} over tolerance"))
 
 
@@ -363,6 +364,30 @@ def check_compact_optimizer(ctx, dev) -> str:
         table.add(f"step time: {r['variant']}", f"{r['step_s'] * 1e3:.2f} ms ({r['step_s'] / base:.2f}x fused fp32), "
                   f"{r['bytes_per_param']:.2f} B/param", "measured")
     return f"{passed}/{len(checks)} ok"
+
+
+def check_lora(ctx, dev) -> str:
+    """tests/test_lora.py's bf16 check on this device with the GPU kernels (varlen attention, chunked LM head):
+    B = 0 is the base bit for bit; the fused model's adapter gradients within 4x of the unfused bf16 error."""
+    import test_lora
+
+    backend, lm_head = ("reference", "torch") if ctx.rehearsal else ("torch_varlen", "chunked")
+    table = ctx.table(f"LoRA (rank 8, every layer), bf16, attention {backend}, LM head {lm_head}",
+                      ["check", "verdict"])
+    why = available_backend(backend, dev)
+    if why:
+        table.add("adapters vs the unfused model in float64", f"skipped: {why}")
+        return "none run"
+    try:
+        errors = test_lora.check_lora_bf16(dev, backend, lm_head)
+    except AssertionError as e:
+        table.add("B = 0 is the base; fused adapter gradients", f"FAIL: {first_line(e)}")
+        ctx.check(False, f"LoRA: {first_line(e)}")
+        return "0/1 ok"
+    table.add("B = 0: log-probs equal the adapters-off model's", "ok: bit for bit")
+    table.add("adapter gradients, fused vs unfused bf16 (max abs error vs float64)",
+              f"ok: {errors['fused']:.3g} vs {errors['unfused']:.3g}")
+    return "1/1 ok"
 
 
 # ----------------------------------------------------------------------------------------------

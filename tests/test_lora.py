@@ -252,3 +252,71 @@ def test_adapter_gradients_are_the_same_in_every_checkpointing_mode(tmp_path):
     for mode in ("selective", "full"):  # the same fp32 arithmetic recomputed: bit for bit
         for n, g in grads["none"].items():
             assert torch.equal(grads[mode][n], g), (mode, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 on a device (gpu_check stage 1 imports this; CI runs it on the CPU to check the check)
+# ----------------------------------------------------------------------------------------------
+LORA_SMALL = dict(model_type="qwen2", vocab_size=257, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def check_lora_bf16(device, backend: str = "reference", lm_head: str = "torch") -> dict:
+    """LoRA as FSDP's bf16 param_dtype computes it (base and adapters in bf16) on ``device``: with B = 0 the
+    packed log-probs equal the adapters-off model's bit for bit; with B != 0 the fused model's adapter gradients,
+    against the unfused model in float64 on the same (bf16-rounded) weights, are within 4x of the unfused bf16
+    model's own error plus a 1e-3 relative floor. Returns the two errors; AssertionError when a rule fails."""
+    cfg = ModelConfig.from_hf_dict(LORA_SMALL)
+    spec = LoraSpec(8, 16.0, 0.0, LORA_TARGETS)
+
+    def build(fuse: bool):
+        model = build_model(dataclasses.replace(cfg, fuse_projections=fuse), device="meta")
+        add_adapters(model, spec)
+        model.to_empty(device="cpu")
+        model.init_weights(seed=0, std=0.06)
+        init_adapters(model, seed=1)
+        return model
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 257, n) for n in (40, 17, 66)]
+    batch = pack_groups(build_groups(prompts, [rng.integers(0, 257, n) for n in (9, 14, 5)],
+                                     [rng.integers(0, 257, n) for n in (11, 6, 8)], ["a", "b", "c"])).to(device)
+    weights_R = torch.from_numpy(rng.standard_normal(len(batch.lp_targets_N))).to(device)
+    fused = build(True).to(device=device, dtype=torch.bfloat16)
+    fused.set_attention_backend(backend)
+    fused.lm_head_impl = lm_head
+    with torch.no_grad():
+        on = fused(batch)
+        with adapters_disabled(fused):
+            off = fused(batch)
+    assert torch.equal(on, off), f"B = 0: adapted log-probs differ from the base's by {(on - off).abs().max():.3g}"
+    randomize_b(fused, seed=2)
+    unfused = build(False).to(dtype=torch.bfloat16)
+    randomize_b(unfused, seed=2)
+    truth = build(False)
+    with torch.no_grad():  # the same bf16-rounded weights, in float64
+        for p, q in zip(truth.parameters(), unfused.parameters()):
+            p.data = q.detach().double()
+    unfused = unfused.to(device)
+    unfused.set_attention_backend(backend)
+    unfused.lm_head_impl = lm_head
+    grads = {}
+    for key, model in (("fused", fused), ("unfused", unfused), ("truth", truth)):
+        model.train()
+        b = batch if key != "truth" else batch.to("cpu")
+        (model(b).double() * weights_R.to(b.input_ids_T.device)).sum().backward()
+        grads[key] = {peft_name(n): p.grad.double().cpu() for n, p in adapter_parameters(model).items()}
+    assert grads["fused"].keys() == grads["truth"].keys()
+    errors = {}
+    for key in ("fused", "unfused"):
+        errors[key] = max((grads[key][n] - g).abs().max().item() for n, g in grads["truth"].items())
+    scale = max(g.abs().max().item() for g in grads["truth"].values())
+    assert errors["fused"] <= 4 * errors["unfused"] + 1e-3 * scale, (
+        f"fused bf16 adapter-gradient error {errors['fused']:.3g} vs unfused bf16 error {errors['unfused']:.3g} "
+        f"(gradients up to {scale:.3g})")
+    return errors
+
+
+def test_lora_bf16_check_itself_on_cpu():
+    errors = check_lora_bf16(torch.device("cpu"))
+    assert errors["unfused"] > 0  # bf16 does round: the check compares something
