@@ -268,8 +268,9 @@ def state_bytes(model_cfg, cfg: RunConfig) -> tuple[float, float, str]:
     n = num_params(model_cfg)
     if cfg.model.lora_rank > 0:
         adapters = lora_params(model_cfg, cfg)
+        # with model.cpu_offload FSDP2 keeps every sharded parameter in host memory, the frozen base included
         per_adapter = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM["fp32"]
-        base = compute_dtype_bytes(cfg)
+        base = 0 if cfg.model.cpu_offload else compute_dtype_bytes(cfg)
         return (n * base + adapters * per_adapter, 0.0,
                 f"frozen base {base} bytes/param + {adapters / 1e6:.1f}M adapter params x {per_adapter} bytes")
     policy_bytes = 0 if cfg.model.cpu_offload else STATE_BYTES_PER_PARAM[cfg.train.optimizer_state]
@@ -281,14 +282,10 @@ def state_bytes(model_cfg, cfg: RunConfig) -> tuple[float, float, str]:
 
 
 def lora_params(model_cfg, cfg: RunConfig) -> int:
-    """Adapter parameters: rank x (in + out) for every targeted HF layer of every block."""
-    from fasttrain.model.lora import parse_targets
+    """Adapter parameters of the whole model: rank x (in + out) for every targeted HF layer of every block."""
+    from fasttrain.model.lora import adapter_params_per_block
 
-    D, F, q, kv = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.q_dim, model_cfg.kv_dim
-    widths = {"q_proj": D + q, "k_proj": D + kv, "v_proj": D + kv, "o_proj": q + D, "gate_proj": D + F,
-              "up_proj": D + F, "down_proj": F + D}
-    per_block = sum(widths[t] for t in parse_targets(cfg.model.lora_targets))
-    return cfg.model.lora_rank * per_block * model_cfg.num_hidden_layers
+    return adapter_params_per_block(model_cfg, lora_spec(cfg)) * model_cfg.num_hidden_layers
 
 
 def lora_spec(cfg: RunConfig):

@@ -140,7 +140,7 @@ def export_lora(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool)
 
     from fasttrain.assembly import lora_spec
     from fasttrain.model.hf_checkpoint import save_hf_checkpoint, save_peft_adapter
-    from fasttrain.model.lora import is_adapter, merged_state_dict, peft_config, peft_name
+    from fasttrain.model.lora import adapter_deltas, is_adapter, merged_state_dict, peft_config, peft_name
 
     spec = lora_spec(cfg)
     fdist.reshard_all(model)
@@ -151,9 +151,8 @@ def export_lora(model, cfg, out: Path, dist_info: fdist.DistInfo, replace: bool)
     with fdist.all_ranks_agree():
         if dist_info.is_main:
             adapters = {peft_name(n): t.float() for n, t in state.items() if is_adapter(n)}
-            for n, a in state.items():  # ||scale B A||^2 summed over the adapted layers: the update of the weights
-                if is_adapter(n) and n.endswith(".A"):
-                    update_sq += float((spec.scale * (state[n[:-1] + "B"].float() @ a.float())).square().sum())
+            # ||scale B A||^2 summed over the adapted layers: the update of the weights
+            update_sq = sum(float(delta.square().sum()) for _, delta in adapter_deltas(state, spec))
             save_peft_adapter(adapters, peft_config(spec, str(cfg.model.path)), out, tokenizer_dir, overwrite=replace)
             log.info("exported %s (PEFT LoRA adapter, %d tensors, float32)", out, len(adapters))
             if cfg.train.merge_lora:

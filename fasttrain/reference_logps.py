@@ -97,22 +97,17 @@ class LiveReference:
         return pair_logps(cont_M, batch.chosen_cont_B, batch.rejected_cont_B)
 
 
-class AdaptersOffReference:
+class AdaptersOffReference(LiveReference):
     """With LoRA: the policy itself with every adapter switched off, i.e. the frozen base (no second model)."""
 
-    kind = "live"
-
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self.model = model  # the policy: neither frozen nor put in eval mode here
 
-    @torch.no_grad()
     def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         from fasttrain.model.lora import adapters_disabled
 
         with adapters_disabled(self.model):
-            logp_N = self.model(batch)
-        cont_M = continuation_logps(logp_N, batch.lp_cont_N, batch.num_continuations)
-        return pair_logps(cont_M, batch.chosen_cont_B, batch.rejected_cont_B)
+            return super().__call__(batch)
 
 
 def load_or_compute_table(

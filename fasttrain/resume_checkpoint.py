@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from fasttrain import distributed as fdist
+from fasttrain.config import ModelSection
 from fasttrain.errors import UserError
 
 log = logging.getLogger("fasttrain")
@@ -51,8 +52,9 @@ MUST_MATCH = {
 # Keys added to MUST_MATCH after checkpoints were written without them: a missing value means this (the
 # behaviour before the key existed), so those checkpoints still resume.
 ADDED_LATER = {("train", "optimizer_state"): "fp32", ("model", "fuse_projections"): False,
-               ("model", "lora_rank"): 0, ("model", "lora_alpha"): 16.0, ("model", "lora_dropout"): 0.0,
-               ("model", "lora_targets"): "all"}
+               # LoRA's keys: their defaults are full fine-tuning, what every earlier checkpoint did
+               **{("model", key): getattr(ModelSection(), key)
+                  for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}}
 
 
 def package_versions() -> dict[str, str]:
@@ -135,7 +137,7 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, info: dic
             if tmp.exists():  # left by an earlier crash at this very step
                 shutil.rmtree(tmp)
             tmp.mkdir()
-    model_sd, optim_sd = _state_dicts(model, optimizer)
+    model_sd, optim_sd, _, _ = _state_dicts(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng-rank{dist_info.rank}.pt")
     fdist.barrier()
@@ -152,22 +154,16 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, info: dic
     return final
 
 
-def _options(model) -> StateDictOptions:
-    """Frozen parameters (LoRA's base, reloaded from model.path on resume) are not part of a checkpoint; without
-    any, loading stays strict."""
-    frozen = any(not p.requires_grad for p in model.parameters())
-    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
-
-
-def _state_dicts(model, optimizer) -> tuple[dict, dict]:
-    """get_state_dict without frozen parameters. ignore_frozen_params drops each frozen parameter under its first
-    name only: a tied LM head would still be saved as ``lm_head.weight`` (the whole embedding), so the model's keys
-    are narrowed to the trained parameters' names."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
-    if any(not p.requires_grad for p in model.parameters()):
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        model_sd = {k: v for k, v in model_sd.items() if k in trained}
-    return model_sd, optim_sd
+def _state_dicts(model, optimizer) -> tuple[dict, dict, StateDictOptions, set[str]]:
+    """get_state_dict without frozen parameters (LoRA's base, reloaded from model.path on resume), the options
+    that go with it, and the frozen parameters' names. ignore_frozen_params drops each frozen parameter under its
+    first name only: a tied LM head would still be saved as ``lm_head.weight`` (the whole embedding), so every
+    name of a frozen parameter is dropped here. Without frozen parameters nothing changes and loading stays
+    strict."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    options = StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd, options, frozen
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -187,13 +183,11 @@ def load(path: Path, model, optimizer, current_info: dict, dist_info: fdist.Dist
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read checkpoint {path}: {e}") from None
         check_compatible(saved_info, current_info, path)
-    options = _options(model)
-    model_sd, optim_sd = _state_dicts(model, optimizer)
+    model_sd, optim_sd, options, frozen = _state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                           options=options)
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # + tied names
     if keys is not None and (set(keys.missing_keys) - frozen or keys.unexpected_keys):
         raise UserError(f"cannot resume from {path}: the checkpoint lacks {sorted(set(keys.missing_keys) - frozen)} "
                         f"and has {sorted(keys.unexpected_keys)} that the model does not")

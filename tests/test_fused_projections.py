@@ -18,7 +18,7 @@ from test_model import BASE, CASES, assert_parity, hf_logits, hf_model, our_logi
 from fasttrain.model.config import ModelConfig
 from fasttrain.model.decoder import build_model
 from fasttrain.model.hf_checkpoint import hf_reader, load_hf_weights, save_hf_checkpoint
-from fasttrain.model.hf_layout import fuse_hf_state_dict, hf_pieces, to_hf_state_dict
+from fasttrain.model.hf_layout import hf_pieces, to_hf_state_dict
 from fasttrain.packing import build_groups, pack_groups
 
 transformers = pytest.importorskip("transformers")
@@ -107,8 +107,7 @@ def test_unfused_model_keeps_parity_with_transformers(tmp_path):
 
 
 def test_fused_weights_round_trip_through_hf_files(tmp_path):
-    """HF files -> fused model -> save -> transformers and both layouts load the same tensors bit for bit, and
-    fuse_hf_state_dict inverts the split."""
+    """HF files -> fused model -> save -> transformers and both layouts load the same tensors bit for bit."""
     hf = hf_model("qwen2_untied")
     hf.save_pretrained(tmp_path / "hf")
     fused = ours_from(tmp_path / "hf", True)
@@ -119,7 +118,24 @@ def test_fused_weights_round_trip_through_hf_files(tmp_path):
     again = ours_from(out, True)
     for (n, p), q in zip(fused.named_parameters(), again.parameters()):
         assert torch.equal(p, q), n
-    plain = ours_from(out, False)
-    assert fuse_hf_state_dict(dict(plain.state_dict()), fused.config).keys() == fused.state_dict().keys()
-    for n, t in fuse_hf_state_dict(dict(plain.state_dict()), fused.config).items():
-        assert torch.equal(t, fused.state_dict()[n]), n
+    plain = ours_from(out, False)  # the per-module layout reads the same files: the split tensors, bit for bit
+    split = to_hf_state_dict(dict(fused.state_dict()), fused.config)
+    assert split.keys() == plain.state_dict().keys()
+    for n, t in plain.state_dict().items():
+        assert torch.equal(t, split[n]), n
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_block_linears_is_the_models_linear_layers(fuse):
+    """hf_layout.block_linears, the map loading, saving and LoRA read, names every linear layer of a block with its
+    real input and output widths."""
+    from fasttrain.model.hf_layout import block_linears
+
+    for case in CASES:
+        cfg = dataclasses.replace(ModelConfig.from_hf_dict({**BASE, **CASES[case]}), fuse_projections=fuse)
+        layer = build_model(cfg, device="meta").model.layers[0]
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert linears.keys() == block_linears(cfg).keys(), case
+        for name, (in_features, pieces) in block_linears(cfg).items():
+            assert (linears[name].in_features, linears[name].out_features) == (
+                in_features, sum(rows for _, rows in pieces)), (case, name)

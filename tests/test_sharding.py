@@ -197,3 +197,6 @@ def test_lora_plans_the_frozen_base_and_the_adapters(monkeypatch):
     check_memory_plan(model_cfg, cfg, DistInfo(0, 8, 0, torch.device("cuda")))
     with pytest.raises(UserError, match=r"frozen base 2 bytes/param"):  # but not on one GPU
         check_memory_plan(model_cfg, cfg, DistInfo(0, 1, 0, torch.device("cuda")))
+    cfg.model.cpu_offload = True  # FSDP2 offloads every sharded parameter, the frozen base too: nothing on the GPU
+    assert state_bytes(model_cfg, cfg)[:2] == (0, 0.0)
+    check_memory_plan(model_cfg, cfg, DistInfo(0, 1, 0, torch.device("cuda")))

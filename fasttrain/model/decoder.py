@@ -52,7 +52,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         D = cfg.hidden_size
         self.qkv_split = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
-        if cfg.fuse_projections:  # one GEMM reads x_TD once (DESIGN §5.6)
+        self.fused = cfg.fuse_projections
+        self.lora: nn.ModuleDict | None = None  # LoRA adapters by linear layer name (lora.add_adapters)
+        if self.fused:  # one GEMM reads x_TD once (DESIGN §5.6)
             self.qkv_proj = nn.Linear(D, sum(self.qkv_split), bias=cfg.qkv_bias)
         else:
             self.q_proj = nn.Linear(D, cfg.q_dim, bias=cfg.qkv_bias)
@@ -68,7 +70,7 @@ class Attention(nn.Module):
     def project(self, x_TD, cos_TH, sin_TH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q_TNH, k_TMH, v_TMH: projections, Qwen3's qk-norm and RoPE (everything before the varlen call)."""
         T = x_TD.shape[0]
-        if hasattr(self, "qkv_proj"):
+        if self.fused:
             q_TQ, k_TK, v_TK = adapted(self, "qkv_proj", x_TD).split(self.qkv_split, dim=-1)
         else:
             q_TQ, k_TK, v_TK = (adapted(self, name, x_TD) for name in ("q_proj", "k_proj", "v_proj"))
@@ -84,20 +86,15 @@ class Attention(nn.Module):
     def output(self, o_TNH: torch.Tensor) -> torch.Tensor:
         return adapted(self, "o_proj", o_TNH.reshape(o_TNH.shape[0], self.n_heads * self.head_dim))
 
-    def hf_pieces(self) -> dict[str, list[tuple[str, int]]]:
-        """Our linear layers -> the HF layers each computes, (name, output rows) in row order (LoRA's map)."""
-        q, kv = self.qkv_split[0], self.qkv_split[1]
-        qkv = {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]} if hasattr(self, "qkv_proj") else {
-            "q_proj": [("q_proj", q)], "k_proj": [("k_proj", kv)], "v_proj": [("v_proj", kv)]}
-        return {**qkv, "o_proj": [("o_proj", self.o_proj.out_features)]}
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         D, Fd = cfg.hidden_size, cfg.intermediate_size
         self.ffn_size = Fd
-        if cfg.fuse_projections:  # one GEMM reads x_TD once (DESIGN §5.6)
+        self.fused = cfg.fuse_projections
+        self.lora: nn.ModuleDict | None = None  # LoRA adapters by linear layer name (lora.add_adapters)
+        if self.fused:  # one GEMM reads x_TD once (DESIGN §5.6)
             self.gate_up_proj = nn.Linear(D, 2 * Fd, bias=cfg.mlp_bias)
         else:
             self.gate_proj = nn.Linear(D, Fd, bias=cfg.mlp_bias)
@@ -105,18 +102,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(Fd, D, bias=cfg.mlp_bias)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):
+        if self.fused:
             gate_TF, up_TF = adapted(self, "gate_up_proj", x_TD).split(self.ffn_size, dim=-1)
         else:
             gate_TF, up_TF = adapted(self, "gate_proj", x_TD), adapted(self, "up_proj", x_TD)
         return adapted(self, "down_proj", F.silu(gate_TF) * up_TF)
-
-    def hf_pieces(self) -> dict[str, list[tuple[str, int]]]:
-        """Our linear layers -> the HF layers each computes, (name, output rows) in row order (LoRA's map)."""
-        Fd = self.ffn_size
-        gate_up = {"gate_up_proj": [("gate_proj", Fd), ("up_proj", Fd)]} if hasattr(self, "gate_up_proj") else {
-            "gate_proj": [("gate_proj", Fd)], "up_proj": [("up_proj", Fd)]}
-        return {**gate_up, "down_proj": [("down_proj", self.down_proj.out_features)]}
 
 
 CHECKPOINTING_MODES = ("none", "selective", "full")

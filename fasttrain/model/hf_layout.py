@@ -23,13 +23,23 @@ import torch
 
 from fasttrain.model.config import ModelConfig
 
-# fused module -> the HF modules whose output rows it stacks, in order
-FUSED_MODULES = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
 _FUSED_NAME = re.compile(r"^(?P<layer>model\.layers\.\d+)\.(?P<module>self_attn\.qkv_proj|mlp\.gate_up_proj)"
                          r"\.(?P<kind>weight|bias)$")
+
+
+def block_linears(cfg: ModelConfig) -> dict[str, tuple[int, list[tuple[str, int]]]]:
+    """A block's linear layers as the model holds them -> (input features, the HF layers each computes as
+    (HF module name, output rows), in row order). The one map of which HF layer is where: loading, saving and
+    LoRA's adapters all read it."""
+    D, F, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim
+    qkv = [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+    gate_up = [("gate_proj", F), ("up_proj", F)]
+    if cfg.fuse_projections:
+        linears = {"self_attn.qkv_proj": (D, qkv), "mlp.gate_up_proj": (D, gate_up)}
+    else:
+        linears = {f"self_attn.{n}": (D, [(n, rows)]) for n, rows in qkv}
+        linears |= {f"mlp.{n}": (D, [(n, rows)]) for n, rows in gate_up}
+    return linears | {"self_attn.o_proj": (q, [("o_proj", D)]), "mlp.down_proj": (F, [("down_proj", D)])}
 
 
 @dataclass(frozen=True)
@@ -40,20 +50,15 @@ class Piece:
     end: int
 
 
-def _module_rows(cfg: ModelConfig, module: str) -> tuple[int, ...]:
-    if module == "self_attn.qkv_proj":
-        return cfg.q_dim, cfg.kv_dim, cfg.kv_dim
-    return cfg.intermediate_size, cfg.intermediate_size
-
-
 def hf_pieces(cfg: ModelConfig, name: str, rows: int) -> tuple[Piece, ...]:
     """The HF tensors that make up parameter ``name`` (``rows`` long in dim 0), in row order."""
     m = _FUSED_NAME.match(name)
     if m is None:
         return (Piece(name, 0, rows),)
+    owner = m["module"].split(".")[0]
     pieces, start = [], 0
-    for hf_module, n in zip(FUSED_MODULES[m["module"]], _module_rows(cfg, m["module"])):
-        pieces.append(Piece(f"{m['layer']}.{hf_module}.{m['kind']}", start, start + n))
+    for hf_module, n in block_linears(cfg)[m["module"]][1]:
+        pieces.append(Piece(f"{m['layer']}.{owner}.{hf_module}.{m['kind']}", start, start + n))
         start += n
     if start != rows:
         raise ValueError(f"parameter {name!r} has {rows} rows; the config's projections add up to {start}")
@@ -66,24 +71,6 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     for name, t in state.items():
         for piece in hf_pieces(cfg, name, t.shape[0] if t.dim() else 1):
             out[piece.hf_name] = t if piece.hf_name == name else t[piece.start:piece.end]
-    return out
-
-
-def fuse_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of ``to_hf_state_dict`` for a fused model (e.g. an HF model's state dict loaded into ours)."""
-    if not cfg.fuse_projections:
-        return dict(state)
-    out, consumed = {}, set()
-    for name in state:
-        for fused, parts in FUSED_MODULES.items():
-            for kind in ("weight", "bias"):
-                first = f".{parts[0]}.{kind}"
-                if name.endswith(first):
-                    layer = name[: -len(first)]
-                    keys = [f"{layer}.{p}.{kind}" for p in parts]
-                    out[f"{layer}.{fused}.{kind}"] = torch.cat([state[k] for k in keys])
-                    consumed.update(keys)
-    out.update({n: t for n, t in state.items() if n not in consumed})
     return out
 
 

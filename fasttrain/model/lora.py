@@ -27,8 +27,6 @@ import torch.nn.functional as F
 # HF linear layers of a block, in the order PEFT lists them; the config's "all" means every one.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _OURS = re.compile(r"^(?P<block>model\.layers\.\d+\.(?:self_attn|mlp))\.lora\.\w+\.pairs\.(?P<hf>\w+)\.(?P<ab>[AB])$")
-_PEFT = re.compile(r"^base_model\.model\.(?P<block>model\.layers\.\d+\.(?:self_attn|mlp))\.(?P<hf>\w+)"
-                   r"\.lora_(?P<ab>[AB])\.weight$")
 
 
 @dataclass(frozen=True)
@@ -78,14 +76,13 @@ class LoraAdapters(nn.Module):
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
         """delta_TO to add to the base layer's output."""
-        pairs = list(self.pairs.values())
+        names, pairs = list(self.pairs.keys()), list(self.pairs.values())
         if self.dropout and self.training:  # a mask per HF layer, as PEFT draws them
             u = [F.dropout(x_TI, self.dropout, True) @ p.A.T for p in pairs]
         else:  # one GEMM for every piece's A: they read the same x
-            u_TR = x_TI @ torch.cat([p.A for p in pairs]).T if len(pairs) > 1 else x_TI @ pairs[0].A.T
-            u = list(u_TR.split(self.rank, dim=-1))
-        deltas = iter(u_Tr @ p.B.T for u_Tr, p in zip(u, pairs))
-        parts = [next(deltas) if name in self.pairs else x_TI.new_zeros(x_TI.shape[0], rows)
+            u = (x_TI @ torch.cat([p.A for p in pairs]).T).split(self.rank, dim=-1)
+        deltas = {name: u_Tr @ p.B.T for name, u_Tr, p in zip(names, u, pairs)}
+        parts = [deltas[name] if name in deltas else x_TI.new_zeros(x_TI.shape[0], rows)
                  for name, rows in self.pieces]
         delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return delta * self.scale
@@ -94,37 +91,50 @@ class LoraAdapters(nn.Module):
 def adapted(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """``module.<name>(x)`` plus its adapters' delta when it has enabled ones."""
     y = getattr(module, name)(x)
-    lora = getattr(module, "lora", None)
-    if lora is not None and name in lora and lora[name].enabled:
-        y = y + lora[name](x)
+    if module.lora is not None and name in module.lora and module.lora[name].enabled:
+        y = y + module.lora[name](x)
     return y
+
+
+def _targeted_linears(model: nn.Module, spec: LoraSpec):
+    """(owner module name, our linear name, in features, its HF pieces) for every linear of a block that has a
+    targeted HF layer (hf_layout.block_linears)."""
+    from fasttrain.model.hf_layout import block_linears
+
+    for path, (in_features, pieces) in block_linears(model.config).items():
+        if any(name in spec.targets for name, _ in pieces):
+            owner, linear = path.split(".")
+            yield owner, linear, in_features, pieces
 
 
 def add_adapters(model: nn.Module, spec: LoraSpec) -> None:
     """Attach adapters to every block of ``model`` (a CausalLM; on any device, meta included) and freeze the rest."""
     for p in model.parameters():
         p.requires_grad_(False)
+    targeted = list(_targeted_linears(model, spec))
     for layer in model.model.layers:
-        for owner in (layer.self_attn, layer.mlp):
-            adapters = nn.ModuleDict()
-            for ours, pieces in owner.hf_pieces().items():
-                if any(name in spec.targets for name, _ in pieces):
-                    in_features = getattr(owner, ours).in_features
-                    adapters[ours] = LoraAdapters(in_features, pieces, spec)
-            if len(adapters):
-                owner.lora = adapters.to(device=next(owner.parameters()).device, dtype=torch.float32)
+        for owner_name in dict.fromkeys(owner for owner, *_ in targeted):
+            owner = getattr(layer, owner_name)
+            adapters = nn.ModuleDict({linear: LoraAdapters(in_features, pieces, spec)
+                                      for o, linear, in_features, pieces in targeted if o == owner_name})
+            owner.lora = adapters.to(device=next(owner.parameters()).device, dtype=torch.float32)
 
 
 def check_rank(model: nn.Module, spec: LoraSpec) -> None:
     """A rank above a targeted layer's width adds nothing a full-rank update would not: refused."""
-    for layer in model.model.layers[:1]:
-        for owner in (layer.self_attn, layer.mlp):
-            for ours, pieces in owner.hf_pieces().items():
-                for name, rows in pieces:
-                    width = min(getattr(owner, ours).in_features, rows)
-                    if name in spec.targets and spec.rank > width:
-                        raise ValueError(f"model.lora_rank={spec.rank} is larger than {name}'s width {width} "
-                                         f"({getattr(owner, ours).in_features} in, {rows} out)")
+    for _, _, in_features, pieces in _targeted_linears(model, spec):
+        for name, rows in pieces:
+            if name in spec.targets and spec.rank > min(in_features, rows):
+                raise ValueError(f"model.lora_rank={spec.rank} is larger than {name}'s width {min(in_features, rows)} "
+                                 f"({in_features} in, {rows} out)")
+
+
+def adapter_params_per_block(model_cfg, spec: LoraSpec) -> int:
+    """rank x (in + out) summed over a block's targeted HF layers (the memory plan's count)."""
+    from fasttrain.model.hf_layout import block_linears
+
+    return sum(spec.rank * (in_features + rows) for in_features, pieces in block_linears(model_cfg).values()
+               for name, rows in pieces if name in spec.targets)
 
 
 def is_adapter(name: str) -> bool:
@@ -181,6 +191,14 @@ def peft_config(spec: LoraSpec, base_model: str) -> dict:
             "modules_to_save": None}
 
 
+def adapter_deltas(state: dict[str, torch.Tensor], spec: LoraSpec):
+    """(HF weight name, scale * B A in fp32) for every adapter in a full state dict (ours)."""
+    for name, a in state.items():
+        m = _OURS.match(name)
+        if m is not None and m["ab"] == "A":
+            yield f"{m['block']}.{m['hf']}.weight", spec.scale * (state[name[:-1] + "B"].float() @ a.float())
+
+
 def merged_state_dict(state: dict[str, torch.Tensor], cfg, spec: LoraSpec) -> dict[str, torch.Tensor]:
     """A full state dict (ours, base + adapters) as HF tensors with every adapter merged in fp32:
     W + scale * B A."""
@@ -188,13 +206,8 @@ def merged_state_dict(state: dict[str, torch.Tensor], cfg, spec: LoraSpec) -> di
 
     base = to_hf_state_dict({n: t for n, t in state.items() if not _OURS.match(n)}, cfg)
     out = {n: t.float() for n, t in base.items()}
-    for name, a in state.items():
-        m = _OURS.match(name)
-        if m is None or m["ab"] != "A":
-            continue
-        b = state[name[:-1] + "B"]
-        out[f"{m['block']}.{m['hf']}.weight"] = out[f"{m['block']}.{m['hf']}.weight"] + spec.scale * (
-            b.float() @ a.float())
+    for hf_name, delta in adapter_deltas(state, spec):
+        out[hf_name] = out[hf_name] + delta
     return out
 
 
