@@ -32,6 +32,11 @@ import torch
 V_DEFAULT = 152064
 
 
+def counted_flops(N: int, D: int, V: int) -> int:
+    """Issue 3's count for every implementation alike: forward 2, recompute of the logits 2, backward 4 (N V D)."""
+    return 8 * N * V * D
+
+
 def eager_logprobs(h, w, t):
     logits = (h @ w.t()).float()
     return torch.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
@@ -148,7 +153,7 @@ def main(argv=None) -> int:
     target = []
     for D in Ds:
         for N in Ns:
-            flops = 8 * N * V * D
+            flops = counted_flops(N, D, V)
             for r in bench_shape(impls, names, N, D, V, dtype, dev, args.warmup, args.reps):
                 if "note" in r:
                     print(f"{N:>6} {D:>5} {r['name']:>8} {r['note']:>9}", flush=True)
@@ -205,7 +210,7 @@ def sweep(args) -> int:
 
     N, D, V, dev = 8192, 4096, args.vocab, "cuda"
     h, w, t, g = make_inputs(N, D, V, torch.bfloat16, dev)
-    flops = 8 * N * V * D
+    flops = counted_flops(N, D, V)
     print(f"# sweep at N={N} D={D} V={V} bf16 on {benchlib.device_name(dev)}")
     chunked_default = (lm_head_chunked.CHUNK_BYTES, dict(lm_head_chunked.GPU_EPILOGUE))
     for chunk_mib in (128, 256, 512, 1024):

@@ -6,9 +6,9 @@
 Stages, in priority order (benchmarks/gpu_check_stages.py; each calls into the benchmark scripts and GPU tests):
   0 env          card, driver, versions, commit; the measured bf16 GEMM TFLOP/s and device-copy GB/s, which
                  every MFU and "% of ceiling" after it divides by
-  1 correctness  bf16 at real sizes: attention backends vs the dense truth (GQA, prefix-shared segments, fwd +
-                 bwd), LM head chunked / triton at N=8192 D=4096 V=152064 vs float64 (errors over the bf16
-                 reference's own), whole model packed vs unpacked
+  1 correctness  the `gpu` tests, run by pytest: bf16 at real sizes, each error over the plain reference's own
+                 (attention backends vs the dense truth, LM head at N=8192 D=4096 V=152064, whole model packed
+                 vs unpacked, compact AdamW, LoRA); the optimizer step's time
   2 lm_head      LM-head benchmark at 8192x4096 and 2048x8192 (V=152064): eager, torch.compile, chunked,
                  triton, Liger where importable
   3 step_1p5b    training step at the Qwen2-1.5B shape: precomputed / live reference, activation

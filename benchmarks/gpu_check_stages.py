@@ -5,7 +5,6 @@ check fails the stage once it has run to the end), ``ctx.skip(reason)``, ``ctx.t
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import json
@@ -16,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import benchlib
@@ -159,235 +157,70 @@ def stage_env(ctx) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. bf16 correctness at real sizes
+# 1. bf16 correctness at real sizes: the GPU tests themselves
 # ----------------------------------------------------------------------------------------------
+# The quick checks first and the attention grid (the longest, ~35 s) last, so a short budget cuts attention cases
+GPU_TESTS = ["tests/test_lm_head_kernel.py::test_gpu_bf16_realistic",
+             "tests/test_attention_gpu.py::test_whole_model_packed_logps_bf16_cuda",
+             "tests/test_compact_adamw.py::test_compact_adamw_on_cuda_rounds_like_the_cpu_and_matches_torch_adamw",
+             "tests/test_lora.py::test_lora_bf16_cuda",
+             "tests/test_attention_gpu.py::test_prefix_shared_attention_bf16_against_float64_truth"]
+# The rehearsal: the same tests (skipped without CUDA) and one attention case that runs on the CPU
+REHEARSAL_TESTS = GPU_TESTS[:-1] + [f"{GPU_TESTS[-1]}[random_groups-8-64-{b}]" for b in ("reference", "torch_varlen")]
+
+
+class TestsToTable:
+    """A pytest plugin: every test's outcome and what it recorded (``record_property``: its error over the
+    reference's) as a row of the stage's table the moment it ends; stops the session when the stage's time runs
+    out, so the rows measured so far are kept."""
+
+    def __init__(self, ctx, table, reserve_s: float):
+        self.ctx, self.table, self.reserve_s = ctx, table, reserve_s
+        self.counts = {"passed": 0, "failed": 0, "skipped": 0}
+        self.session, self.collected = None, 0
+
+    def pytest_collection_finish(self, session):
+        self.session, self.collected = session, len(session.items)
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or report.outcome != "passed":
+            if report.skipped:
+                detail = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+            else:
+                crash = getattr(report.longrepr, "reprcrash", None)
+                detail = first_line(crash.message) if crash else ""
+            self.counts[report.outcome] += 1
+            name, recorded = report.nodeid.split("::", 1)[1], "; ".join(f"{k} {v}" for k, v in report.user_properties)
+            self.table.add(name, report.outcome, recorded or "–", detail.removeprefix("Skipped: "))
+            self.ctx.check(not report.failed, f"{name}: {detail}")
+        if report.when == "teardown" and self.ctx.time_left() < self.reserve_s:
+            self.session.shouldstop = "the stage's time is out"
+
+
 def stage_correctness(ctx) -> None:
-    dev = get_device(ctx)
-    # the attention grid may use what the LM-head and whole-model checks do not need (~35 s on a GPU, a few
-    # seconds of interpreted kernels in the rehearsal)
-    attention_stop = time.time() + ctx.time_left() - (6 if ctx.rehearsal else 40)
-    n_att = timed("attention", check_attention, ctx, dev, attention_stop)
-    n_lm = timed("LM head", check_lm_head, ctx, dev)
-    n_model = timed("whole model", check_whole_model, ctx, dev)
-    n_compact = timed("compact optimizer", check_compact_optimizer, ctx, dev)
-    n_lora = timed("LoRA", check_lora, ctx, dev)
-    ctx.summary(f"attention {n_att}, LM head {n_lm}, whole model {n_model}, compact AdamW {n_compact}, LoRA {n_lora}"
-                + ("" if not ctx.failures else f"; {len(ctx.failures)} over tolerance"))
+    import pytest
 
-
-GPU_ATTENTION_BACKENDS = ["torch_varlen", "flash_attn"]  # flash_attn: where the package imports
-
-
-def timed(what: str, fn, *args):
-    """fn(*args), printing how long it took (the log shows where a stage's time went)."""
-    t0 = time.time()
-    out = fn(*args)
-    print(f"{what}: {out} in {time.time() - t0:.1f} s", flush=True)
-    return out
-
-
-def available_backend(backend: str, dev) -> str | None:
-    """None when the attention backend runs here in bf16, else why not."""
-    from fasttrain.attention import resolve_backend
-
-    if backend == "reference":
-        return None
-    try:
-        resolve_backend(backend, dev, torch.bfloat16)
-    except RuntimeError as e:
-        return first_line(e)
-    return None
-
-
-def check_attention(ctx, dev, stop_at: float) -> str:
-    """tests/test_attention_gpu.py's cases: varlen_attention on packed prefix-shared batches, forward and
-    backward, against the dense float64 truth; its tolerance rule (FACTOR x the bf16 dense reference's own
-    error + FLOOR x max|truth|). The cells are error / bf16-reference error."""
-    import test_attention_gpu as T
-
-    from fasttrain.attention import varlen_attention
-
-    backends = GPU_ATTENTION_BACKENDS
-    # every layout (the 4096-token prompt included) at Llama-3-8B's head shape first, so a short budget cuts
-    # head shapes, not layouts
-    shapes = sorted(T.HEAD_SHAPES, key=lambda shape: shape != (4, 128))
-    cases = [(layout, gqa, hd) for gqa, hd in shapes for layout in T.LAYOUTS]
-    if ctx.rehearsal:  # the CPU runs the reference backend (the others report why not); one case keeps it short
-        backends, cases = ["reference"] + backends, [(T.LAYOUTS[0], 8, 64)]
-    table = ctx.table(f"attention, bf16, vs float64 truth: error ÷ the bf16 dense reference's error (pass: <= "
-                      f"{T.FACTOR:g} + floor)", ["backend", "layout", "GQA", "head dim", "out", "dq", "dk", "dv",
-                                                 "verdict"])
-    passed = total = 0
-    for backend in backends:
-        why = available_backend(backend, dev)
-        if why:
-            table.add(backend, "–", "–", "–", "–", "–", "–", "–", f"skipped: {why}")
-            continue
-        for i, (layout, gqa, hd) in enumerate(cases):
-            if time.time() > stop_at:
-                ctx.note(f"attention {backend}: {len(cases) - i} of {len(cases)} cases not run (stage budget)")
-                break
-            batch = T.pack_layout(layout)
-            attn = batch.attn.to(T.DEVICE)
-            seqs = T.unshared_sequences(layout)
-            x = T.make_inputs(batch.num_tokens, gqa, hd, seed=zlib.crc32(f"{layout.name}/{gqa}/{hd}".encode()))
-            dense = functools.partial(T.dense_attention, seqs=seqs)
-            truth, baseline = T.forward_backward(dense, x.to(torch.float64)), T.forward_backward(dense, x)
-            tested = T.forward_backward(functools.partial(varlen_attention, attn=attn, backend=backend), x)
-            ratios, ok = [], True
-            for name in ("out", "dq", "dk", "dv"):
-                err = (tested[name].double() - truth[name]).abs().max().item()
-                base = (baseline[name].double() - truth[name]).abs().max().item()
-                scale = truth[name].abs().max().item()
-                ok &= bool(torch.isfinite(tested[name]).all()) and err <= T.FACTOR * base + T.FLOOR * scale
-                ratios.append(f"{err / base:.2f}" if base > 0 else f"{err:.1e} abs")
-            table.add(backend, layout.name, gqa, hd, *ratios, "ok" if ok else "FAIL")
-            ctx.check(ok, f"attention {backend} {layout.name} gqa={gqa} d={hd} over tolerance")
-            passed, total = passed + ok, total + 1
-    return f"{passed}/{total} ok" if total else "none run"
-
-
-def check_lm_head(ctx, dev) -> str:
-    """tests/test_lm_head_kernel.py's rule at the real size: each kernel's logp / dh / dW error against float64
-    within FACTOR x the plain reference's error in the same dtype (+ a few ulps)."""
-    import test_lm_head_kernel as K
-    if ctx.rehearsal:  # the interpreter: tiny, fp32 and fp16 (its bf16 tl.dot is broken)
-        (N, D, V), dtypes = (37, 48, 203), (torch.float32, torch.float16)
-        problem = K.interpreter_problem()
-    else:
-        (N, D, V), dtypes, problem = (8192, 4096, 152064), (torch.bfloat16,), None
-    table = ctx.table(f"LM head at N={N} D={D} V={V} vs float64: error ÷ the plain reference's error in the same "
-                      f"dtype (pass: <= {K.FACTOR:g} + a few ulps)",
-                      ["impl", "dtype", "tensor", "error", "reference error", "ratio", "verdict"])
-    if problem:
-        table.add("chunked, triton", "–", "–", "–", "–", "–", f"skipped: {problem}")
-        return "skipped"
-    passed = total = 0
-    for dtype in dtypes:
-        h, w, t, g = K._make(N, D, V, dtype, device=K.DEV, seed=9)
-        t[0], t[1] = 0, V - 1
-        truth = K._truth_chunked(h, w, t, g)
-        ref = K._reference_grads(h, w, t, g, dtype)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        for impl in ("chunked", "triton"):
-            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-            logp = K.IMPLS[impl][0](hh, ww, t)
-            (logp * g).sum().backward()
-            got = (logp.detach(), hh.grad, ww.grad)
-            del hh, ww
-            for name, a, r, tr in zip(("logp", "dh", "dW"), got, ref, truth):
-                e, e_ref = K._err(a, tr), K._err(r, tr)
-                try:
-                    K._assert_close(name, a, r, tr, dtype)
-                    ok = bool(torch.isfinite(a).all())
-                except AssertionError:
-                    ok = False
-                table.add(impl, str(dtype).removeprefix("torch."), name, f"{e:.3g}", f"{e_ref:.3g}",
-                          f"{e / e_ref:.2f}" if e_ref else "–", "ok" if ok else "FAIL")
-                ctx.check(ok, f"LM head {impl} {dtype} {name}: error {e:.3g} vs reference {e_ref:.3g}")
-                passed, total = passed + ok, total + 1
-            del got
-        del h, w, t, g, truth, ref
-    return f"{passed}/{total} ok" if total else "none run"
-
-
-def check_whole_model(ctx, dev) -> str:
-    """tests/test_attention_gpu.py's whole-model check: a random Qwen2-shaped model's packed, prefix-shared
-    pair log-probs in bf16 vs each sequence run alone (the rule: packed error <= 4 x unpacked bf16 error)."""
-    import test_attention_gpu as T
-
-    table = ctx.table("whole model (4 layers, hidden 512), bf16: packed prefix-shared vs every sequence alone",
-                      ["backend", "verdict"])
-    if ctx.rehearsal:  # its float64 truth costs ~10 s of the CPU rehearsal, and CI runs it already
-        ctx.check(callable(getattr(T, "check_whole_model_packed_logps", None)),
-                  "tests/test_attention_gpu.py has no check_whole_model_packed_logps any more")
-        table.add("reference", "skipped in the rehearsal: the same check runs in CI as tests/test_attention_gpu.py::"
-                               "test_whole_model_packed_logps_check_itself_on_cpu")
-    passed = total = 0
-    for backend in GPU_ATTENTION_BACKENDS:
-        why = available_backend(backend, dev)
-        if why:
-            table.add(backend, f"skipped: {why}")
-            continue
-        try:
-            T.check_whole_model_packed_logps(backend, dev)
-            table.add(backend, "ok: packed error within 4x the unpacked bf16 error")
-            passed += 1
-        except AssertionError as e:
-            table.add(backend, f"FAIL: {first_line(e)}")
-            ctx.check(False, f"whole model {backend}: {first_line(e)}")
-        total += 1
-    return f"{passed}/{total} ok" if total else "none run"
-
-
-def check_compact_optimizer(ctx, dev) -> str:
-    """train.optimizer_state=compact on this device (DESIGN §6.9): the fp32 split round-trips bit for bit; the
-    stochastic-rounding bits equal the CPU's (int32 wrap-around, so a run resumed on other hardware rounds the
-    same); with fp32 moments every step equals torch.optim.AdamW's bit for bit; and one step's time against
-    torch's fused fp32 AdamW on the same parameters."""
+    table = ctx.table("the GPU tests in bf16 (tests/*: each error over the plain reference's own in the same dtype; "
+                      "the tolerance rule is the test's)", ["test", "outcome", "recorded", "detail"])
+    plugin = TestsToTable(ctx, table, reserve_s=3 if ctx.rehearsal else 25)  # the optimizer timing below
+    args = [str(REPO / t) for t in (REHEARSAL_TESTS if ctx.rehearsal else GPU_TESTS)]
+    args += ["-q", "-p", "no:cacheprovider", "--rootdir", str(REPO)] + ([] if ctx.rehearsal else ["-m", "gpu"])
+    rc = pytest.main(args, plugins=[plugin])
+    ctx.check(rc in (0, 1, 2), f"pytest exit code {rc} (3: internal error, 4: a test id not found, 5: none ran)")
+    not_run = plugin.collected - sum(plugin.counts.values())
+    if not_run > 0:
+        ctx.note(f"{not_run} of {plugin.collected} tests not run (stage budget)")
     import bench_optimizer
 
-    from fasttrain.compact_adamw import CompactAdamW, join_fp32, split_fp32, stochastic_round_bf16
-
-    table = ctx.table("compact optimizer state (CompactAdamW) on this device", ["check", "result", "verdict"])
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1 << 20, generator=gen) * torch.exp2(torch.randint(-30, 30, (1 << 20,), generator=gen).float())
-    high, low = split_fp32(x.to(dev))
-    checks = {
-        "split / join round trip": torch.equal(join_fp32(high, low).cpu().view(torch.int32), x.view(torch.int32)),
-        "split equals the CPU's": torch.equal(high.cpu().view(torch.int16), split_fp32(x)[0].view(torch.int16)),
-        "rounding bits equal the CPU's": torch.equal(stochastic_round_bf16(x.to(dev), 12345, 7).cpu().view(
-            torch.int16), stochastic_round_bf16(x, 12345, 7).view(torch.int16)),
-    }
-    start = (torch.randn(1000, 257, generator=gen) * 0.02).bfloat16()
-    ref = torch.nn.Parameter(start.float().to(dev))
-    ours = torch.nn.Parameter(start.to(dev))
-    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    opt_ref = torch.optim.AdamW([ref], foreach=False, **kw)
-    opt = CompactAdamW([ours], moment_dtype=torch.float32, **kw)
-    for _ in range(3):
-        g = (torch.randn(1000, 257, generator=gen) * 1e-3).bfloat16().to(dev)
-        ref.grad, ours.grad = g.float(), g
-        opt_ref.step()
-        opt.step()
-    checks["fp32 moments == torch AdamW, 3 steps"] = torch.equal(opt.master_local(ours), ref.detach())
-    passed = 0
-    for name, ok in checks.items():
-        table.add(name, "bit for bit" if ok else "differs", "ok" if ok else "FAIL")
-        ctx.check(ok, f"compact optimizer: {name} failed")
-        passed += ok
     shapes = bench_optimizer.parameter_shapes(**(bench_optimizer.SMOKE if ctx.rehearsal else bench_optimizer.HUNDRED_M))
-    rows = bench_optimizer.measure(shapes, dev, 1, 3)
-    base = rows[1]["step_s"]  # fused fp32
+    rows = bench_optimizer.measure(shapes, get_device(ctx), 1, 3)
+    timing = ctx.table("one optimizer step on this device (benchmarks/bench_optimizer.py)",
+                       ["variant", "step ms", "x fused fp32", "B/param"])
     for r in rows:
-        table.add(f"step time: {r['variant']}", f"{r['step_s'] * 1e3:.2f} ms ({r['step_s'] / base:.2f}x fused fp32), "
-                  f"{r['bytes_per_param']:.2f} B/param", "measured")
-    return f"{passed}/{len(checks)} ok"
-
-
-def check_lora(ctx, dev) -> str:
-    """tests/test_lora.py's bf16 check on this device with the GPU kernels (varlen attention, chunked LM head):
-    B = 0 is the base bit for bit; the fused model's adapter gradients within 4x of the unfused bf16 error."""
-    import test_lora
-
-    backend, lm_head = ("reference", "torch") if ctx.rehearsal else ("torch_varlen", "chunked")
-    table = ctx.table(f"LoRA (rank 8, every layer), bf16, attention {backend}, LM head {lm_head}",
-                      ["check", "verdict"])
-    why = available_backend(backend, dev)
-    if why:
-        table.add("adapters vs the unfused model in float64", f"skipped: {why}")
-        return "none run"
-    try:
-        errors = test_lora.check_lora_bf16(dev, backend, lm_head)
-    except AssertionError as e:
-        table.add("B = 0 is the base; fused adapter gradients", f"FAIL: {first_line(e)}")
-        ctx.check(False, f"LoRA: {first_line(e)}")
-        return "0/1 ok"
-    table.add("B = 0: log-probs equal the adapters-off model's", "ok: bit for bit")
-    table.add("adapter gradients, fused vs unfused bf16 (max abs error vs float64)",
-              f"ok: {errors['fused']:.3g} vs {errors['unfused']:.3g}")
-    return "1/1 ok"
+        timing.add(r["variant"], f"{r['step_s'] * 1e3:.2f}", f"{r['step_s'] / rows[1]['step_s']:.2f}",
+                   f"{r['bytes_per_param']:.2f}")
+    ctx.summary(", ".join(f"{n} {k}" for k, n in plugin.counts.items())
+                + (f", {not_run} not run (budget)" if not_run > 0 else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,9 +241,9 @@ def stage_lm_head(ctx) -> None:
         ctx.note(note)
     peak = ctx.context.get("peak_tflops")
     table = ctx.table(f"logp = log_softmax(h @ W.T)[t], forward + backward, V={V}, {str(dtype).removeprefix('torch.')}"
-                      f", median of {reps} after {warmup} warm-up; TFLOP/s counted as 6·N·V·D; extra = peak memory "
-                      f"minus inputs and dh/dW; err = max relative error vs eager (logp, dh, dW); compile backend "
-                      f"{compile_backend}",
+                      f", median of {reps} after {warmup} warm-up; TFLOP/s counted as 8·N·V·D (issue 3); extra = "
+                      f"peak memory minus inputs and dh/dW; err = max relative error vs eager (logp, dh, dW); "
+                      f"compile backend {compile_backend}",
                       ["N", "D", "impl", "ms", "TFLOP/s", "% of ceiling", "extra GiB", "x eager", "err", "note"])
     def skip(name: str) -> str | None:
         if name not in impls:  # make_impls said why (liger: not importable)
@@ -428,7 +261,7 @@ def stage_lm_head(ctx) -> None:
                 ctx.check(not (r["note"] == "OOM" and name in ("chunked", "triton")) and "FAILED" not in r["note"],
                           f"LM head {name} at N={N} D={D}: {r['note']}")
                 continue
-            tflops = 6 * N * V * D / r["sec"] / 1e12
+            tflops = B.counted_flops(N, D, V) / r["sec"] / 1e12
             table.add(N, D, name, f"{r['sec'] * 1e3:.2f}", f"{tflops:.1f}",
                       f"{100 * tflops / peak:.0f}%" if peak else "–",
                       f"{r['extra'] / GIB:.2f}" if dev.type == "cuda" else "–", fmt(r["x_eager"], ".2f"),

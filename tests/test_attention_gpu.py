@@ -248,7 +248,7 @@ def test_dense_reference_is_the_unshared_sequence(layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gqa,head_dim", HEAD_SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
-def test_prefix_shared_attention_bf16_against_float64_truth(layout, gqa, head_dim, backend):
+def test_prefix_shared_attention_bf16_against_float64_truth(layout, gqa, head_dim, backend, record_property):
     available(backend)
     skip_if_too_big_for_cpu(layout, gqa, head_dim)
     batch = pack_layout(layout)
@@ -267,6 +267,7 @@ def test_prefix_shared_attention_bf16_against_float64_truth(layout, gqa, head_di
         base = (baseline[name].double() - truth[name]).abs().max().item()
         scale = truth[name].abs().max().item()
         report.append(f"{name}: err {err:.3g} (rel {err / scale:.2e}), bf16 dense {base:.3g}, max|truth| {scale:.3g}")
+        record_property(f"{name} error / bf16 dense error", round(err / base, 2) if base else f"{err:.1e} abs")
         assert err <= FACTOR * base + FLOOR * scale, f"{backend} {layout.name} gqa={gqa} H={head_dim}: " + "; ".join(
             report)
 
@@ -335,9 +336,10 @@ def alone_pair_logps(model, raw, order: list[int]) -> torch.Tensor:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn"])
-def test_whole_model_packed_logps_bf16_cuda(backend):
+def test_whole_model_packed_logps_bf16_cuda(backend, record_property):
     available(backend)
-    check_whole_model_packed_logps(backend, torch.device("cuda"))
+    packed_error, own_error = check_whole_model_packed_logps(backend, torch.device("cuda"))
+    record_property("packed error / unpacked bf16 error", round(packed_error / own_error, 2))
 
 
 def test_whole_model_packed_logps_check_itself_on_cpu():
@@ -345,10 +347,11 @@ def test_whole_model_packed_logps_check_itself_on_cpu():
     check_whole_model_packed_logps("reference", torch.device("cpu"))
 
 
-def check_whole_model_packed_logps(backend: str, device: torch.device) -> None:
+def check_whole_model_packed_logps(backend: str, device: torch.device) -> tuple[float, float]:
     """Tolerance rule of tests/test_packed_logps.py: the packed bf16 error (vs the float64 unpacked
     truth) within 4x the error of the same bf16 model run on each sequence alone, plus a 1e-4 relative
-    floor. (Also run on the CPU with the reference backend, to check this test itself.)"""
+    floor. (Also run on the CPU with the reference backend, to check this test itself.) Returns the two
+    errors (packed, unpacked)."""
     import copy
 
     cfg = ModelConfig.from_hf_dict(QWEN2_SMALL)
@@ -376,3 +379,4 @@ def check_whole_model_packed_logps(backend: str, device: torch.device) -> None:
     assert packed_error <= 4 * own_error + 1e-4 * truth.abs().max().item(), (
         f"packed bf16 error {packed_error:.4g} vs unpacked bf16 error {own_error:.4g} "
         f"(log-prob sums up to {truth.abs().max().item():.1f} nats)")
+    return packed_error, own_error

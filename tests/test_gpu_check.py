@@ -188,6 +188,10 @@ def test_cpu_rehearsal_runs_every_stage_within_its_budget(tmp_path):
     env_stage = stages["env"]["data"]
     assert env_stage["bf16_tflops"] > 0 and env_stage["copy_gbps"] > 0
     assert stages["demo"]["status"] == "ok"  # first loss ln 2, the steps logged, the export loads
+    tests = {row[0]: row for row in stages["correctness"]["tables"][0]["rows"]}  # the GPU tests, through pytest
+    assert len(tests) == 9 and sum(row[1] == "skipped" for row in tests.values()) == 8, tests
+    attention = tests["test_prefix_shared_attention_bf16_against_float64_truth[random_groups-8-64-reference]"]
+    assert attention[1] == "passed" and "dv error / bf16 dense error" in attention[2], attention
     assert stages["step_1p5b"]["status"] == "ok" and len(stages["step_1p5b"]["tables"][0]["rows"]) == 3
     assert "top 15" in (out / "gpu_check_profile.txt").read_text()
     components = stages["step_1p5b"]["tables"][1]  # measured / predicted per component, both references

@@ -270,7 +270,7 @@ def _truth_chunked(h, w, t, g, chunk=1024):
 
 @impls
 @pytest.mark.gpu
-def test_gpu_bf16_realistic(impl):
+def test_gpu_bf16_realistic(impl, record_property):
     N, D, V = 8192, 4096, 152064
     dtype = torch.bfloat16
     h, w, t, g = _make(N, D, V, dtype, device="cuda", seed=9)
@@ -285,6 +285,7 @@ def test_gpu_bf16_realistic(impl):
     truth = _truth_chunked(h, w, t, g)
     for name, a, r, tr in zip(("logp", "dh", "dW"), got, ref, truth):
         assert torch.isfinite(a).all(), name
+        record_property(f"{name} error / reference error", round(_err(a, tr) / _err(r, tr), 2))
         _assert_close(name, a, r, tr, dtype)
 
 

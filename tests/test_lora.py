@@ -255,7 +255,7 @@ def test_adapter_gradients_are_the_same_in_every_checkpointing_mode(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# bf16 on a device (gpu_check stage 1 imports this; CI runs it on the CPU to check the check)
+# bf16 on a device (gpu_check stage 1 runs the gpu test; CI runs the check on the CPU to check the check)
 # ----------------------------------------------------------------------------------------------
 LORA_SMALL = dict(model_type="qwen2", vocab_size=257, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -315,6 +315,13 @@ def check_lora_bf16(device, backend: str = "reference", lm_head: str = "torch") 
         f"fused bf16 adapter-gradient error {errors['fused']:.3g} vs unfused bf16 error {errors['unfused']:.3g} "
         f"(gradients up to {scale:.3g})")
     return errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lm_head", ["chunked", "triton"])
+def test_lora_bf16_cuda(lm_head, record_property):
+    errors = check_lora_bf16(torch.device("cuda"), "torch_varlen", lm_head)
+    record_property("fused / unfused bf16 adapter-gradient error", round(errors["fused"] / errors["unfused"], 2))
 
 
 def test_lora_bf16_check_itself_on_cpu():
