@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +79,20 @@ def test_readme_layout_names_existing_paths():
         if not any(c.exists() for c in candidates):
             missing.append(p)
     assert not missing, f"README's Layout names paths that do not exist: {missing}"
+
+
+def test_code_metrics_follow_the_config_through_a_run_set_up():
+    """tools/code_metrics.py (issue 16's before/after numbers) still runs on this tree: the demo run's set-up
+    is traced up to its first loss, and the config reaches the assembly."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import code_metrics
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    lines = code_metrics.lines_per_folder(REPO)
+    assert all(lines[f] > 100 for f in ("fasttrain", "kernels", "benchmarks", "tests")), lines
+    longest = code_metrics.longest_functions(REPO, 3)
+    assert len(longest) == 3 and longest[0][0] >= longest[2][0]
+    trace = code_metrics.config_trace(REPO)
+    assert trace["visits"].get("fasttrain/assembly.py", 0) >= 1 and trace["touched"] > 10, trace
+    assert 0 < trace["climbs"] <= sum(trace["visits"].values()), trace
