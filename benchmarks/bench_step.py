@@ -45,8 +45,9 @@ import numpy as np
 import roofline
 import torch
 
+from fasttrain import activation_memory
 from fasttrain import distributed as fdist
-from fasttrain.assembly import resolve_backends
+from fasttrain.assembly import resolve_backends, state_bytes
 from fasttrain.config import RunConfig
 from fasttrain.errors import UserError
 from fasttrain.model.config import ModelConfig, num_params
@@ -54,35 +55,24 @@ from fasttrain.model.config import ModelConfig, num_params
 GIB = benchlib.GIB
 
 
-def activation_bytes_per_token_layer(cfg: ModelConfig, checkpointing: bool) -> int:
-    """What one decoder block keeps for backward per token (bf16 tensors, fp32 RMSNorm statistics):
-    with checkpointing only the block input; without, roughly every intermediate of the block."""
-    D, F, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim
-    full = 2 * (4 * D + 3 * q + 6 * kv + 4 * F) + 2 * (4 * D + 4 * D + 2 * D)
-    return 2 * D if checkpointing else full
+def auto_layers(shape: str, modes: list[str], live: bool, tokens: int, total_bytes: int) -> int:
+    """Most layers (<= the shape's) that the trainer's own memory plan fits on the card: the sharded state
+    (``assembly.state_bytes``: fp32 master + grads + AdamW m, v, and a live reference's bf16 copy), the gathered
+    blocks and root and the activations of the hungriest of ``modes`` (``fasttrain.activation_memory``), within
+    the 85% of the card the plan uses. An estimate: ``--layers`` overrides it; an OOM names the flag."""
+    cfg = RunConfig()
+    cfg.loss.reference = "live" if live else "precompute"
+    cfg.model.compute_dtype = "bfloat16"
+    full = benchlib.model_config(shape)
 
+    def fits(layers: int) -> bool:
+        m = dataclasses.replace(full, num_hidden_layers=layers)
+        policy, reference, _ = state_bytes(m, cfg)
+        acts = max(activation_memory.activation_bytes(m, mode, tokens, 2) for mode in modes)
+        need = policy + reference + activation_memory.gathered_bytes(m) + acts
+        return need <= activation_memory.HEADROOM * total_bytes
 
-def auto_layers(shape: dict, live: bool, checkpointing: bool, token_budget: int, total_bytes: int) -> int:
-    """Most layers (<= the shape's) whose training state + activations fit ~92% of the card.
-
-    Per parameter: fp32 master + grad + AdamW m, v (16 B; the fused CUDA AdamW needs no temporaries), and
-    a live reference's bf16 copy (2 B). Fixed: the root's gathered bf16 embedding/LM head, its bf16 grad
-    and fp32 reduce copy (8 B/param), the [rows, V] fp32 logits of the torch LM head (x3 for softmax and
-    its gradient; ~35% of a micro-batch's rows are step tokens), one block's recompute, 4 GiB slack.
-    An estimate: ``--layers`` overrides it; an OOM names the flag.
-    """
-    full = ModelConfig.from_hf_dict(shape)
-    one = dataclasses.replace(full, num_hidden_layers=1)
-    zero = dataclasses.replace(full, num_hidden_layers=0)
-    per_param = 16 + (2 if live else 0)
-    root_params = num_params(zero)
-    layer_params = num_params(one) - root_params
-    act_full = activation_bytes_per_token_layer(full, False) * token_budget
-    fixed = (root_params * (per_param + 8 + (2 if live else 0)) + 12 * int(0.35 * token_budget) * full.vocab_size
-             + (act_full if checkpointing else 0) + 4 * GIB)
-    per_layer = layer_params * per_param + activation_bytes_per_token_layer(full, checkpointing) * token_budget
-    fit = int((0.92 * total_bytes - fixed) // per_layer)
-    return max(1, min(full.num_hidden_layers, fit))
+    return max((n for n in range(1, full.num_hidden_layers + 1) if fits(n)), default=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,9 +226,8 @@ def choose_layers(args, device: torch.device) -> tuple[int, str]:
         return args.layers, "" if args.layers == full else f"set by --layers (the shape has {full})"
     if device.type != "cuda":
         return full, ""
-    live = args.reference in ("live", "both")
-    n = auto_layers(benchlib.SHAPES[args.shape], live, "none" not in args.checkpointing,
-                    args.tokens_per_micro_batch, torch.cuda.get_device_properties(device).total_memory)
+    n = auto_layers(args.shape, args.checkpointing, args.reference in ("live", "both"), args.tokens_per_micro_batch,
+                    torch.cuda.get_device_properties(device).total_memory)
     return n, "" if n == full else f"reduced from {full} to fit one GPU's memory (estimate; --layers overrides)"
 
 

@@ -342,18 +342,18 @@ def stage_step_1p5b(ctx) -> None:
 def stage_step_8b(ctx) -> None:
     import bench_step
 
-    shape = benchlib.SHAPES["llama3-8b"]
-    fits = ctx.table("Llama-3-8B layers that fit one card (bench_step.auto_layers estimate: precomputed reference, "
-                     "checkpointing on, 8192 tokens/micro-batch)", ["card memory", "layers of 32"])
+    fits = ctx.table("Llama-3-8B layers that fit one card (bench_step.auto_layers, the trainer's memory plan: "
+                     "precomputed reference, full checkpointing, 8192 tokens/micro-batch)",
+                     ["card memory", "layers of 32"])
     for label, gib in (("80 GB (H100): 79.6 GiB", 79.6), ("141 GB (H200): 139.8 GiB", 139.8)):
-        fits.add(label, bench_step.auto_layers(shape, False, True, 8192, int(gib * GIB)))
+        fits.add(label, bench_step.auto_layers("llama3-8b", ["full"], False, 8192, int(gib * GIB)))
     if ctx.rehearsal:  # the Llama code path (untied head) at a CPU size
         layers = None
         argv = ["--shape", "tiny-llama", "--global-batch-pairs", "4", "--tokens-per-micro-batch", "2048",
                 "--warmup", "1", "--steps", "1", "--lengths", "smoke"]
     else:
         total = torch.cuda.get_device_properties(0).total_memory
-        layers = bench_step.auto_layers(shape, False, True, 8192, total)
+        layers = bench_step.auto_layers("llama3-8b", ["full"], False, 8192, total)
         argv = ["--shape", "llama3-8b", "--warmup", "1", "--steps", "2"]
     shape = ("tiny Llama shape, 4 pairs/step, 2048 tokens/micro-batch, 1 warm-up + 1 timed step" if ctx.rehearsal
              else "Llama-3-8B shape, as many layers as fit, 128 pairs/step, 1 warm-up + 2 timed steps")

@@ -56,6 +56,7 @@ from pathlib import Path
 import benchlib
 import torch
 
+from fasttrain import activation_memory
 from fasttrain.attention import resolve_backend
 from fasttrain.flops import FlopModel, peak_bf16_tflops
 from fasttrain.model.config import ModelConfig, layer_params, num_params
@@ -867,24 +868,26 @@ def predicted_measurements(cfg: ModelConfig, recipe: Recipe, tokens: Sequence[in
 
     FLOPs per layer, T tokens: forward 2 * params_layer * T + 4 * q_dim * A (QK^T and PV over A attended keys);
     backward 2x forward, + 1x forward recompute. A per pair = prompt^2 / 2 + 2 * step * (prompt + step / 2).
-    LM head: 2 * D * V per row forward, 3x that with backward. Bytes kept per layer: the block input (2 T D) under
-    recompute, else what one layer's backward reads, estimated 2 T (8 D + 3 F); the transient is the latter too.
+    LM head: 2 * D * V per row forward, 3x that with backward. Bytes kept per layer, and one layer's backward
+    transient: the trainer's own activation model (fasttrain.activation_memory: the block input under recompute,
+    every intermediate without).
     """
     per_layer = layer_params(cfg)
     step = recipe.lm_rows_per_pair / 2
     prompt = recipe.tokens_per_pair - 2 * step
     attended_per_token = (prompt**2 / 2 + 2 * step * (prompt + step / 2)) / recipe.tokens_per_pair
     rate = mfu * peak_tflops * 1e12
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    D, V = cfg.hidden_size, cfg.vocab_size
     out = []
     for T in tokens:
         rows = T / recipe.tokens_per_pair * recipe.lm_rows_per_pair
         fwd = (2 * per_layer * T + 4 * cfg.q_dim * attended_per_token * T) / rate
-        layer_bytes = 2.0 * T * (8 * D + 3 * F)
+        layer_bytes = 2.0 * T * activation_memory.saved_elements_per_token(cfg, "none")
         for recompute in (True, False):
             out.append(Measured(int(T), int(rows), recompute, fwd, (3 if recompute else 2) * fwd, fwd,
                                 6 * D * V * rows / rate, 2 * D * V * rows / rate,
-                                2.0 * T * D if recompute else layer_bytes, layer_bytes, 4.0 * rows * V,
+                                2.0 * T * activation_memory.saved_elements_per_token(cfg, "full") if recompute
+                                else layer_bytes, layer_bytes, 4.0 * rows * V,
                                 memory_source=f"PREDICTED at {mfu:.0%} MFU, not measured"))
     return out
 

@@ -63,14 +63,21 @@ class Choice:
                 "gathered blocks, root and their gradients")
 
 
-def choose(cfg, tokens: int, dtype_bytes: int, card_bytes: float, state_bytes: float) -> Choice:
-    """The least recompute whose activations fit; ``full`` when none does (the run may then run out of memory:
-    lower train.tokens_per_micro_batch)."""
+def gathered_bytes(cfg) -> float:
+    """What FSDP2 holds besides the shards while a block runs backward: two gathered bf16 blocks (the current one
+    and the prefetched one), one block's bf16 gradients and its fp32 reduce-scatter buffer, and the gathered bf16
+    root (embedding + LM head) with its gradient."""
     from fasttrain.model.config import layer_params, num_params
 
     block = layer_params(cfg)
     root = num_params(cfg) - block * cfg.num_hidden_layers
-    gathered = 2 * 2 * block + 2 * block + 4 * block + 2 * 2 * root  # 2 bf16 blocks, grads, fp32 RS; root + grad
+    return float(2 * 2 * block + 2 * block + 4 * block + 2 * 2 * root)
+
+
+def choose(cfg, tokens: int, dtype_bytes: int, card_bytes: float, state_bytes: float) -> Choice:
+    """The least recompute whose activations fit; ``full`` when none does (the run may then run out of memory:
+    lower train.tokens_per_micro_batch)."""
+    gathered = gathered_bytes(cfg)
     budget = HEADROOM * card_bytes - state_bytes - gathered
     needs = {m: activation_bytes(cfg, m, tokens, dtype_bytes) for m in MODES_BY_RECOMPUTE}
     mode = next((m for m in MODES_BY_RECOMPUTE if needs[m] <= budget), "full")

@@ -53,18 +53,26 @@ def test_synthetic_data_has_step_dpo_shape():
     assert 30 < np.mean([len(c) for g in real for c in g.continuations]) < 60
 
 
-def test_auto_layers_fits_an_h100():
+def test_auto_layers_is_the_trainers_memory_plan():
+    from fasttrain import activation_memory
+    from fasttrain.model.config import num_params
+
     bench = load_bench()
-    h100 = 79 * 2**30
-    # Qwen2-1.5B: 1.5B params x 24 B is ~37 GB: every layer fits, with or without a live reference.
-    assert bench.auto_layers(bench.benchlib.SHAPES["qwen2-1.5b"], live=True, checkpointing=True, token_budget=8192,
-                             total_bytes=h100) == 28
-    # Llama-3-8B: 8B x 20 B = 160 GB does not fit; the estimate keeps a handful of layers, fewer with a
-    # live reference or without activation checkpointing.
-    pre = bench.auto_layers(bench.benchlib.SHAPES["llama3-8b"], False, True, 8192, h100)
-    live = bench.auto_layers(bench.benchlib.SHAPES["llama3-8b"], True, True, 8192, h100)
-    no_ac = bench.auto_layers(bench.benchlib.SHAPES["llama3-8b"], False, False, 8192, h100)
-    assert 4 <= live < pre <= 12 and no_ac < pre
+    h100, h200 = 79 * 2**30, int(139.8 * 2**30)
+    # Qwen2-1.5B: 1.5B params x 18 B is ~27 GB: every layer fits, with a live reference too.
+    assert bench.auto_layers("qwen2-1.5b", ["full"], True, 8192, h100) == 28
+    # Llama-3-8B does not fit one card: fewer layers the more a mode keeps, fewer with a live reference.
+    full = bench.auto_layers("llama3-8b", ["full"], False, 8192, h200)
+    selective = bench.auto_layers("llama3-8b", ["selective"], False, 8192, h200)
+    none = bench.auto_layers("llama3-8b", ["none"], False, 8192, h200)
+    live = bench.auto_layers("llama3-8b", ["full"], True, 8192, h200)
+    assert none < selective < full < 32 and live < full
+    assert bench.auto_layers("llama3-8b", ["none", "full"], False, 8192, h200) == none  # the hungriest mode
+    # the trainer's own plan (activation_checkpointing=auto's) agrees: full fits at that depth, not one deeper
+    for layers, fits in ((full, True), (full + 1, False)):
+        model = bench.benchlib.model_config("llama3-8b", num_hidden_layers=layers)
+        choice = activation_memory.choose(model, 8192, 2, h200, 16 * num_params(model))
+        assert (choice.needs_bytes["full"] <= choice.budget_bytes) == fits, (layers, choice.explain())
 
 
 def test_checkpointing_modes_and_projection_layouts_side_by_side_in_one_run():
