@@ -30,14 +30,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would hand back kernels that cannot compile
-    sys.exit("kernel_resources.py compiles the kernels: run it without TRITON_INTERPRET=1")
+import benchlib  # noqa: F401 -- imported for its effect: this checkout's kernels first on sys.path
+import torch
+import triton
 
-import benchlib  # noqa: E402, F401 -- imported for its effect: this checkout's kernels first on sys.path
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-from fasttrain_kernels import lm_head_chunked, lm_head_triton  # noqa: E402
+from fasttrain_kernels import lm_head_chunked, lm_head_triton
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 V, D = 152064, 4096  # Qwen2 vocabulary and an 8B-class hidden size; only their divisibility by 16 matters here
@@ -166,6 +163,8 @@ SWEEP = [dict(BLOCK_N=n, BLOCK_V=v, BLOCK_D=d, num_warps=wps, num_stages=st)
 
 
 def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter hands back kernels that cannot compile
+        sys.exit("kernel_resources.py compiles the kernels: run it without TRITON_INTERPRET=1")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")

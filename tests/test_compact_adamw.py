@@ -241,7 +241,8 @@ def test_recipe_updates_are_kept_by_compact_state_and_lost_by_bf16_weights(tmp_p
     exact_run, _, _ = _train_recipe(tmp_path, "compact", exact_moments=True)
     assert all(torch.equal(initial[n], initial_c[n]) for n in initial)  # the same start (a bf16 checkpoint)
     ref = _update(fp32_run, initial)
-    error = lambda run: ((_update(run, initial) - ref).norm() / ref.norm()).item()  # noqa: E731
+    def error(run):
+        return ((_update(run, initial) - ref).norm() / ref.norm()).item()
     assert error(compact_run) <= 0.01, error(compact_run)  # measured 0.59% (0.42% of it vs fp32 moments)
     assert error(bf16_run) >= 0.5, error(bf16_run)  # measured 99.9%: lr 5e-7 is below half a bf16 unit
     assert len(fp32_rows) == len(compact_rows) == 50
@@ -252,7 +253,8 @@ def test_recipe_updates_are_kept_by_compact_state_and_lost_by_bf16_weights(tmp_p
     # forward reads its fp32 weights, the compact run's its bf16 ones; with bf16 compute (CUDA) both read the
     # same bf16 rounding of the master. The bf16-weight model barely moved from policy == reference (margin 0).
     m_fp32, m_compact, m_bf16, m_exact = (_final_margins(r) for r in (fp32_run, compact_run, bf16_run, exact_run))
-    relative = lambda m, ref: ((m - ref).norm() / ref.norm()).item()  # noqa: E731
+    def relative(m, ref):
+        return ((m - ref).norm() / ref.norm()).item()
     assert m_fp32.norm() > 0
     assert relative(m_compact, m_exact) <= 0.01, relative(m_compact, m_exact)
     assert relative(m_compact, m_fp32) <= 0.10, relative(m_compact, m_fp32)
@@ -278,7 +280,8 @@ def test_recipe_updates_are_kept_by_compact_state_and_lost_by_bf16_weights(tmp_p
     run = compact_run
     groups = run.inputs.plans[0].micro_batches[0][0]
     run_micro_batch(run.model, run.refs.train, groups, run.dist.device, run.cfg, 1, run.flop_model, True)
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
     n = sum(local(p).numel() for p in run.params)
     state_bytes = sum(local(p).nbytes + local(p.grad).nbytes for p in run.params)
     state_bytes += sum(local(t).nbytes for p in run.params for t in run.optimizer.state[p].values() if t.dim())
