@@ -79,6 +79,17 @@ def test_readme_layout_names_existing_paths():
         if not any(c.exists() for c in candidates):
             missing.append(p)
     assert not missing, f"README's Layout names paths that do not exist: {missing}"
+    # and the other way round: every module of the code folders is named, by itself or by its folder
+    unnamed = []
+    for folder in ("fasttrain", "kernels", "benchmarks", "tools"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            if path.name == "__init__.py" or "demo" in rel.parts[:2]:
+                continue
+            named = f"`{path.name}`" in layout or f"`{rel}`" in layout or any(f"`{part}/`" in layout for part in rel.parts[1:-1])
+            if not named:
+                unnamed.append(str(rel))
+    assert not unnamed, f"README's Layout does not name: {unnamed}"
 
 
 def test_code_metrics_follow_the_config_through_a_run_set_up():
