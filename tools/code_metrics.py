@@ -9,7 +9,8 @@ The config trace runs ``fasttrain.trainer.train`` on the demo config (64 trainin
 follows every call of a function in fasttrain/ or kernels/ that receives the config or one of its sections
 as an argument, until the first DPO loss. A *visit* is control entering a file through such a call from another
 file; a *climb back* is such a call returning into a different file (the reader has to go back up to go on).
-It also counts the files any code of the set-up runs in.
+It also counts the files any code of the set-up runs in, and the distinct calls from a function of one file into a
+function of another.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ cfg = load_config(str(demo / "demo.yaml"), [f"train.output_dir={work / 'run'}", 
       "train.progress_bar=false", "train.plot=false", "train.tensorboard=false"])
 carried = [cfg] + [v for v in vars(cfg).values() if hasattr(v, "__dataclass_fields__")]
 roots = (str(repo / "fasttrain"), str(repo / "kernels"))
-stack, visits, climbs, order, touched = [], {}, 0, [], set()
+stack, visits, climbs, order, touched, edges = [], {}, 0, [], set(), set()
 class Done(Exception):
     pass
 def profile(frame, event, arg):
@@ -75,6 +76,9 @@ def profile(frame, event, arg):
         raise Done
     file = str(Path(code.co_filename).relative_to(repo))
     touched.add(file)
+    up = frame.f_back.f_code if frame.f_back else None
+    if event == "call" and up and up.co_filename.startswith(roots) and up.co_filename != code.co_filename:
+        edges.add((up.co_filename, up.co_name, code.co_filename, code.co_name))
     if event == "call":
         args = [frame.f_locals.get(a) for a in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]]
         if any(a is c for a in args for c in carried):
@@ -93,7 +97,7 @@ except Done:
     pass
 finally:
     sys.setprofile(None)
-print(json.dumps({"visits": visits, "climbs": climbs, "touched": len(touched)}))
+print(json.dumps({"visits": visits, "climbs": climbs, "touched": len(touched), "edges": len(edges)}))
 '''
 
 
@@ -118,7 +122,8 @@ def main(argv=None) -> int:
     print("longest functions:", ", ".join(f"{name} {n}" for n, name in longest_functions(repo)))
     trace = config_trace(repo)
     visits = Counter(trace["visits"])
-    print(f"setting up a run runs code in {trace['touched']} files; the config enters {len(visits)} of them, "
+    print(f"setting up a run runs code in {trace['touched']} files ({trace['edges']} distinct calls from one file's "
+          f"function into another's); the config enters {len(visits)} of them, "
           f"{sum(visits.values())} times, and climbs back {trace['climbs']} times; most entered: "
           + ", ".join(f"{f} {n}" for f, n in visits.most_common(4)))
     return 0
