@@ -62,7 +62,7 @@ cfg = load_config(str(demo / "demo.yaml"), [f"train.output_dir={work / 'run'}", 
       "train.progress_bar=false", "train.plot=false", "train.tensorboard=false"])
 carried = [cfg] + [v for v in vars(cfg).values() if hasattr(v, "__dataclass_fields__")]
 roots = (str(repo / "fasttrain"), str(repo / "kernels"))
-stack, visits, climbs, order, touched, edges = [], {}, 0, [], set(), set()
+stack, visits, climbs, touched, edges = [], {}, 0, set(), set()
 class Done(Exception):
     pass
 def profile(frame, event, arg):
@@ -84,7 +84,6 @@ def profile(frame, event, arg):
         if any(a is c for a in args for c in carried):
             if not stack or stack[-1][1] != file:
                 visits[file] = visits.get(file, 0) + 1
-                order.append(file)
             stack.append((frame, file))
     elif stack and stack[-1][0] is frame:
         stack.pop()
